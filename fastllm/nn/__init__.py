@@ -1,0 +1,4 @@
+"""Modules built on fastllm.ops; each picks its kernel backend once, when it is built."""
+from fastllm.nn.layer_norm import LayerNorm
+
+__all__ = ["LayerNorm"]

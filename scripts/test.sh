@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install fastllm with its test extras into ./.venv (torch pinned, the extension built against it) and run
+# the whole test suite. This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0 ninja setuptools wheel
+python -m pip install -q --no-build-isolation -e ".[test]"
+python -m pytest -q "$@"
