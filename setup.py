@@ -68,7 +68,9 @@ def _cpu_isa():
 def _op_extension():
     cpp = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     cpp += _rel(glob.glob(os.path.join(ROOT, "csrc", "*", "*_cpu.cpp")))
-    cflags = ["-O3", "-fopenmp", *ISA_FLAGS[_cpu_isa()]]  # torch adds -std=c++20
+    # -ffp-contract=off: no silent FMA contraction, so that terms meant to cancel exactly (g - mean(g) at N = 1)
+    # do cancel; explicit at::vec::fmadd is still fused.
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *ISA_FLAGS[_cpu_isa()]]  # torch adds -std=c++20
     if not _want_cuda():
         return cpp_extension.CppExtension(
             "fastllm._C", cpp, extra_compile_args={"cxx": cflags}, extra_link_args=["-fopenmp"])
