@@ -90,7 +90,10 @@ def _tokenizer_extension():
 
 
 class OptionalBuildExtension(cpp_extension.BuildExtension):
-    """Builds each extension; a compile failure warns instead of aborting the install."""
+    """Builds each extension; a compile failure warns instead of aborting the install, and the failed
+    extension is left out of the outputs so that the (editable) wheel still installs."""
+
+    failed: set = set()
 
     def build_extension(self, ext):
         try:
@@ -98,13 +101,32 @@ class OptionalBuildExtension(cpp_extension.BuildExtension):
         except Exception as err:  # noqa: BLE001 - any compiler failure must leave an importable package
             if os.environ.get("FASTLLM_CUDA") == "1" or os.environ.get("FASTLLM_REQUIRE_BUILD") == "1":
                 raise
+            self.failed.add(ext.name)
             print(f"WARNING: building {ext.name} failed ({err}); fastllm falls back to reference ops",
                   file=sys.stderr)
+
+    def _built(self, path):
+        return not any(path.endswith(self.get_ext_filename(name)) for name in self.failed)
+
+    def get_outputs(self):
+        return [p for p in super().get_outputs() if self._built(p)]
+
+    def get_output_mapping(self):
+        return {k: v for k, v in super().get_output_mapping().items() if self._built(k)}
+
+
+def _extensions():
+    """All extensions; optional (a failed build is skipped, not fatal) unless a build is required."""
+    required = os.environ.get("FASTLLM_CUDA") == "1" or os.environ.get("FASTLLM_REQUIRE_BUILD") == "1"
+    exts = [_op_extension()] + _tokenizer_extension()
+    for ext in exts:
+        ext.optional = not required
+    return exts
 
 
 setup(
     packages=find_packages(include=["fastllm", "fastllm.*"]) + ["fastllm.kernels"],
     package_dir={"fastllm.kernels": "kernels"},
-    ext_modules=[_op_extension()] + _tokenizer_extension(),
+    ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},
 )
