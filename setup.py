@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -85,8 +85,10 @@ def _tokenizer_extension():
     src = _rel(glob.glob(os.path.join(ROOT, "csrc", "tokenizers", "*.cpp")))
     if not src:
         return []
-    return [cpp_extension.CppExtension(
-        "fastllm.tokenizers._core", src, extra_compile_args={"cxx": ["-O3"]})]
+    # A plain pybind11 module: it must not link libtorch, so that it imports without torch loaded.
+    # torch's include folder ships the pybind11 headers.
+    return [Extension("fastllm.tokenizers._core", src, include_dirs=cpp_extension.include_paths()[:1],
+                      language="c++", extra_compile_args=["-O3", "-std=c++17"])]
 
 
 class OptionalBuildExtension(cpp_extension.BuildExtension):

