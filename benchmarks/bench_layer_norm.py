@@ -34,6 +34,7 @@ def _variants(device: str, residual: bool, compile_: bool):
 
     out = {"torch eager": eager}
     if compile_:
+        torch._dynamo.reset()  # a fresh compile per configuration, never the recompile-limit eager fallback
         out["torch.compile"] = torch.compile(eager)
     for name in backends.available("layer_norm", device):
         if name == "triton" and device == "cpu":

@@ -1,0 +1,370 @@
+// Fused attention (FlashAttention-2 tiling) for CPU.
+//
+// dtypes: float32 and bfloat16/float16 (converted to fp32 copies first: every GEMM, softmax and gradient sum is
+//   fp32; extra memory stays linear in T). Layouts, masks and the dropout hash: see attention.h.
+// Forward: at::parallel_for over (sequence b, head h, block of kBM query rows). Per k-block of kBN keys:
+//   S = scale * Q K^T (small cpublas GEMM, L1/L2-resident tiles), causal (bottom-right, offset lk - lq) and
+//   key-padding masks to -inf, online softmax (running max m, sum l, at::vec exp), dropout scaling of P from
+//   the counter hash, acc += P V. Out = acc / l; lse = m + log l is saved (fp32, (B, H, Tq) / (H, total_q)).
+//   A row with no allowed key gets out = 0 and lse = +inf (so the backward recomputes P = 0, never NaN).
+// Backward: at::parallel_for over (b, kv head); the task owns dK/dV of its kv head and dQ of the query heads
+//   that share it (GQA), so there are no atomics. Per k-block (outer) and q-block (inner): recompute
+//   P = exp(S - lse), dV += Pd^T dO, dP = (dO V^T) o M, dS = P o (dP - rowsum(dO o O)), dQ += scale dS K,
+//   dK += scale dS^T Q, where Pd = P o M and M is the dropout mask scaled by 1 / (1 - p).
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <limits>
+#include <vector>
+
+#include "attention.h"
+
+namespace fastllm {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBM = 64, kBN = 128;  // query rows per block, keys per block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The BLAS sgemm_ that libtorch_cpu exports (MKL in the x86 wheels). at::native::cpublas::gemm is not exported,
+// so it is looked up once at run time, in torch's own library; without it, mm() falls back to at::addmm.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+SgemmFn find_sgemm() {
+  Dl_info info;
+  if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info)) return nullptr;
+  void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+  return lib ? reinterpret_cast<SgemmFn>(dlsym(lib, "sgemm_")) : nullptr;
+}
+
+const SgemmFn kSgemm = find_sgemm();
+
+at::Tensor view(const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+  auto x = at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::kFloat);
+  return t ? x.t() : x;
+}
+
+// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, via the column-major BLAS GEMM (C^T = op(B)^T op(A)^T).
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+        const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (kSgemm) {
+    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
+    kSgemm(&tra, &trb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+    return;
+  }
+  at::Tensor out = view(c, m, n, ldc, false);
+  const at::Tensor x = ta ? view(a, k, m, lda, true) : view(a, m, k, lda, false);
+  const at::Tensor y = tb ? view(b, n, k, ldb, true) : view(b, k, n, ldb, false);
+  out.addmm_(x, y, beta, alpha);
+}
+
+struct Params {
+  AttnDims d;
+  const float *q, *k, *v, *o, *dout;
+  const bool* mask;  // (B, Tk) or null
+  const int32_t *cu_q, *cu_k;
+  float *out, *lse, *dq, *dk, *dv;
+  bool causal;
+  float scale, drop_p, drop_inv;
+  uint32_t drop_thr;
+  uint64_t seed;
+};
+
+// Per-tile context: which rows/keys, and the causal offset of this sequence.
+struct Tile {
+  int64_t i0, bm, j0, bn, off;
+};
+
+// Sets disallowed scores of an (bm x bn) tile (row stride kBN) to -inf.
+void mask_tile(const Params& p, const Tile& t, const bool* kmask, float* s) {
+  const bool need_causal = p.causal && t.j0 + t.bn - 1 > t.i0 + t.off;
+  for (int64_t r = 0; r < t.bm; ++r) {
+    float* row = s + r * kBN;
+    if (kmask) {
+      for (int64_t c = 0; c < t.bn; ++c) row[c] = kmask[t.j0 + c] ? row[c] : kNegInf;
+    }
+    if (need_causal) {
+      const int64_t first_bad = std::max<int64_t>(0, t.i0 + r + t.off + 1 - t.j0);
+      for (int64_t c = first_bad; c < t.bn; ++c) row[c] = kNegInf;
+    }
+  }
+}
+
+// True when every key of [j0, j0 + bn) is padding.
+bool block_all_masked(const bool* kmask, int64_t j0, int64_t bn) {
+  if (!kmask) return false;
+  for (int64_t c = 0; c < bn; ++c)
+    if (kmask[j0 + c]) return false;
+  return true;
+}
+
+// m[c] = keep ? 1/(1-p) : 0 for the (bm x bn) tile of head key hk (row stride kBN).
+void dropout_tile(const Params& p, const Tile& t, uint32_t hk, float* m) {
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const uint32_t rk = row_key(hk, static_cast<uint32_t>(t.i0 + r));
+    float* row = m + r * kBN;
+    for (int64_t c = 0; c < t.bn; ++c) {
+      const uint32_t h = elem_hash(rk, static_cast<uint32_t>(t.j0 + c));
+      row[c] = (h >> 8) >= p.drop_thr ? p.drop_inv : 0.f;
+    }
+  }
+}
+
+float row_max(const float* s, int64_t n) {
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
+}
+
+// s = exp(s - mx) in place; returns the row sum.
+float exp_row(float* s, float mx, int64_t n) {
+  at::vec::map([mx](Vec x) { return (x - Vec(mx)).exp_u20(); }, s, s, n);
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s, n);
+}
+
+void scale_row(float* x, float a, int64_t n) {
+  at::vec::map([a](Vec v) { return v * Vec(a); }, x, x, n);
+}
+
+struct FwdState {
+  std::vector<float> s, m, acc, rmax, rsum;
+  explicit FwdState(int64_t d) : s(kBM * kBN), m(kBM * kBN), acc(kBM * d), rmax(kBM), rsum(kBM) {}
+};
+
+// Online-softmax update of rows of the tile; leaves P (dropout applied) in st.s.
+void softmax_update(const Params& p, const Tile& t, FwdState& st, uint32_t hk) {
+  const int64_t D = p.d.D;
+  for (int64_t r = 0; r < t.bm; ++r) {
+    float* s = st.s.data() + r * kBN;
+    const float mnew = std::max(st.rmax[r], row_max(s, t.bn));
+    if (mnew == kNegInf) {
+      std::fill(s, s + t.bn, 0.f);
+      continue;
+    }
+    const float corr = std::exp(st.rmax[r] - mnew);
+    st.rsum[r] = st.rsum[r] * corr + exp_row(s, mnew, t.bn);
+    st.rmax[r] = mnew;
+    if (corr != 1.f) scale_row(st.acc.data() + r * D, corr, D);
+  }
+  if (p.drop_p > 0) {
+    dropout_tile(p, t, hk, st.m.data());
+    for (int64_t r = 0; r < t.bm; ++r)
+      at::vec::map2([](Vec a, Vec b) { return a * b; }, st.s.data() + r * kBN, st.s.data() + r * kBN,
+                    st.m.data() + r * kBN, t.bn);
+  }
+}
+
+void fwd_finish(const Params& p, const HeadView& hv, const Tile& t, FwdState& st) {
+  const int64_t D = p.d.D;
+  for (int64_t r = 0; r < t.bm; ++r) {
+    float* o = p.out + hv.q + (t.i0 + r) * hv.q_rs;
+    const float l = st.rsum[r];
+    if (l == 0.f) {
+      std::fill(o, o + D, 0.f);
+      p.lse[hv.lse + t.i0 + r] = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    at::vec::map([l](Vec x) { return x / Vec(l); }, o, st.acc.data() + r * D, D);
+    p.lse[hv.lse + t.i0 + r] = st.rmax[r] + std::log(l);
+  }
+}
+
+void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) {
+  const HeadView hv = head_view(p.d, p.cu_q, p.cu_k, b, h);
+  if (i0 >= hv.lq) return;
+  const int64_t D = p.d.D, bm = std::min(kBM, hv.lq - i0), off = hv.lk - hv.lq;
+  const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
+  const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
+  std::fill(st.acc.begin(), st.acc.end(), 0.f);
+  std::fill(st.rmax.begin(), st.rmax.end(), kNegInf);
+  std::fill(st.rsum.begin(), st.rsum.end(), 0.f);
+  const int64_t kend = p.causal ? std::min(hv.lk, i0 + bm + off) : hv.lk;
+  const float* q = p.q + hv.q + i0 * hv.q_rs;
+  for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+    const Tile t{i0, bm, j0, std::min(kBN, kend - j0), off};
+    if (block_all_masked(kmask, j0, t.bn)) continue;
+    const float* k = p.k + hv.k + j0 * hv.k_rs;
+    mm(false, true, bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, st.s.data(), kBN);  // S (bm, bn)
+    mask_tile(p, t, kmask, st.s.data());
+    softmax_update(p, t, st, hk);
+    mm(false, false, bm, D, t.bn, 1.f, st.s.data(), kBN, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, 1.f,
+       st.acc.data(), D);  // acc (bm, D) += P V
+  }
+  fwd_finish(p, hv, Tile{i0, bm, 0, 0, off}, st);
+}
+
+at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+Params make_params(const AttnDims& d, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+                   const std::optional<at::Tensor>& cu_k, bool causal, double dropout_p, double scale,
+                   int64_t seed) {
+  Params p{};
+  p.d = d;
+  p.mask = mask ? mask->data_ptr<bool>() : nullptr;
+  p.cu_q = cu_q ? cu_q->data_ptr<int32_t>() : nullptr;
+  p.cu_k = cu_k ? cu_k->data_ptr<int32_t>() : nullptr;
+  p.causal = causal, p.scale = static_cast<float>(scale), p.drop_p = static_cast<float>(dropout_p);
+  p.drop_inv = dropout_p > 0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  p.drop_thr = dropout_threshold(dropout_p), p.seed = static_cast<uint64_t>(seed);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+    bool causal, double dropout_p, double scale, int64_t seed) {
+  const AttnDims d = check_attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p);
+  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor lse = d.varlen ? at::empty({d.H, d.total_q}, out.options()) : at::empty({d.B, d.H, d.Tq}, out.options());
+  Params p = make_params(d, mask, cu_q, cu_k, causal, dropout_p, scale, seed);
+  p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
+  p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
+  const int64_t nqb = (d.Tq + kBM - 1) / kBM;
+  at::parallel_for(0, d.B * d.H * nqb, 1, [&](int64_t t0, int64_t t1) {
+    FwdState st(d.D);
+    for (int64_t t = t0; t < t1; ++t) fwd_block(p, st, t / (d.H * nqb), (t / nqb) % d.H, (t % nqb) * kBM);
+  });
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+struct BwdState {
+  std::vector<float> s, m, dp, dkj, dvj, delta;  // delta: rowsum(dO o O) of the G query heads, (G, Tq)
+  BwdState(int64_t d, int64_t rows)
+      : s(kBM * kBN), m(kBM * kBN), dp(kBM * kBN), dkj(kBN * d), dvj(kBN * d), delta(rows) {}
+};
+
+// delta[i] = rowsum(dO_i * O_i) for the rows of one head.
+void compute_delta(const Params& p, const HeadView& hv, float* delta) {
+  for (int64_t i = 0; i < hv.lq; ++i) {
+    const float* o = p.o + hv.q + i * hv.q_rs;
+    const float* g = p.dout + hv.q + i * hv.q_rs;
+    delta[i] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
+                                               [](Vec a, Vec b) { return a + b; }, o, g, p.d.D);
+  }
+}
+
+// P = exp(S - lse) for a tile whose S (already masked) is in st.s.
+void recompute_p(const Params& p, const HeadView& hv, const Tile& t, float* s) {
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const float lse = p.lse[hv.lse + t.i0 + r];
+    float* row = s + r * kBN;
+    if (lse == std::numeric_limits<float>::infinity()) {
+      std::fill(row, row + t.bn, 0.f);
+      continue;
+    }
+    at::vec::map([lse](Vec x) { return (x - Vec(lse)).exp_u20(); }, row, row, t.bn);
+  }
+}
+
+// dS = P o (dP - delta) in place of dp.
+void ds_tile(const Tile& t, const float* pm, float* dp, const float* delta) {
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const Vec dl(delta[t.i0 + r]);
+    at::vec::map2([dl](Vec pv, Vec g) { return pv * (g - dl); }, dp + r * kBN, pm + r * kBN, dp + r * kBN, t.bn);
+  }
+}
+
+void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, uint32_t hk, const bool* kmask,
+              const float* delta) {
+  const int64_t D = p.d.D;
+  const float* q = p.q + hv.q + t.i0 * hv.q_rs;
+  const float* g = p.dout + hv.q + t.i0 * hv.q_rs;
+  const float* k = p.k + hv.k + t.j0 * hv.k_rs;
+  const float* v = p.v + hv.k + t.j0 * hv.k_rs;
+  float *s = st.s.data(), *dp = st.dp.data(), *m = st.m.data();
+  mm(false, true, t.bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, s, kBN);  // S (bm, bn)
+  mask_tile(p, t, kmask, s);
+  recompute_p(p, hv, t, s);
+  mm(false, true, t.bm, t.bn, D, 1.f, g, hv.q_rs, v, hv.k_rs, 0.f, dp, kBN);  // dO V^T (bm, bn)
+  if (p.drop_p > 0) {
+    dropout_tile(p, t, hk, m);
+    for (int64_t r = 0; r < t.bm; ++r) {
+      at::vec::map2([](Vec a, Vec b) { return a * b; }, dp + r * kBN, dp + r * kBN, m + r * kBN, t.bn);
+      at::vec::map2([](Vec a, Vec b) { return a * b; }, m + r * kBN, s + r * kBN, m + r * kBN, t.bn);  // Pd
+    }
+  }
+  const float* pd = p.drop_p > 0 ? m : s;
+  mm(true, false, t.bn, D, t.bm, 1.f, pd, kBN, g, hv.q_rs, 1.f, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
+  ds_tile(t, s, dp, delta);
+  mm(false, false, t.bm, D, t.bn, p.scale, dp, kBN, k, hv.k_rs, 1.f, p.dq + hv.q + t.i0 * hv.q_rs, hv.q_rs);
+  mm(true, false, t.bn, D, t.bm, p.scale, dp, kBN, q, hv.q_rs, 1.f, st.dkj.data(), D);  // dK += dS^T Q
+}
+
+// All q-blocks of query head h against k-block [j0, j0 + bn).
+void bwd_head_kblock(const Params& p, const HeadView& hv, BwdState& st, int64_t b, int64_t h, int64_t j0,
+                     int64_t bn, const float* delta) {
+  const int64_t off = hv.lk - hv.lq;
+  const int64_t first = p.causal ? std::max<int64_t>(0, j0 - off) : 0;  // rows before it see none of the block
+  const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
+  const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
+  for (int64_t i0 = (first / kBM) * kBM; i0 < hv.lq; i0 += kBM) {
+    bwd_tile(p, hv, Tile{i0, std::min(kBM, hv.lq - i0), j0, bn, off}, st, hk, kmask, delta);
+  }
+}
+
+void store_rows(const float* src, float* dst, int64_t rows, int64_t d, int64_t rs) {
+  for (int64_t r = 0; r < rows; ++r) std::copy(src + r * d, src + (r + 1) * d, dst + r * rs);
+}
+
+void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
+  const int64_t G = p.d.H / p.d.Hkv, D = p.d.D, h0 = hkv * G;
+  const HeadView kv = head_view(p.d, p.cu_q, p.cu_k, b, h0);
+  const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
+  for (int64_t g = 0; g < G; ++g)
+    compute_delta(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st.delta.data() + g * p.d.Tq);
+  for (int64_t j0 = 0; j0 < kv.lk; j0 += kBN) {
+    const int64_t bn = std::min(kBN, kv.lk - j0);
+    std::fill(st.dkj.begin(), st.dkj.end(), 0.f);
+    std::fill(st.dvj.begin(), st.dvj.end(), 0.f);
+    if (!block_all_masked(kmask, j0, bn)) {
+      for (int64_t g = 0; g < G; ++g)
+        bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st, b, h0 + g, j0, bn,
+                        st.delta.data() + g * p.d.Tq);
+    }
+    store_rows(st.dkj.data(), p.dk + kv.k + j0 * kv.k_rs, bn, D, kv.k_rs);
+    store_rows(st.dvj.data(), p.dv + kv.k + j0 * kv.k_rs, bn, D, kv.k_rs);
+  }
+}
+
+at::Tensor cast_back(const at::Tensor& t, const at::Tensor& like) {
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, bool causal, double dropout_p,
+    double scale, int64_t seed) {
+  const AttnDims d = check_attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p);
+  check_attention_bwd(d, q, dout, out, lse);
+  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), gf = as_f32(dout);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::empty(k.sizes(), f32), dv = at::empty(v.sizes(), f32);
+  Params p = make_params(d, mask, cu_q, cu_k, causal, dropout_p, scale, seed);
+  p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
+  p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    BwdState st(d.D, (d.H / d.Hkv) * d.Tq);
+    for (int64_t t = t0; t < t1; ++t) bwd_task(p, st, t / d.Hkv, t % d.Hkv);
+  });
+  return {cast_back(dq, q), cast_back(dk, k), cast_back(dv, v)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace fastllm
