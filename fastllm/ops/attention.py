@@ -46,6 +46,7 @@ def _bwd_fake(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, causal, d
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, cu_q, cu_k, *ctx.args = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], mask, cu_q, cu_k)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero-filled (B, H, T) buffer per call
 
 
 def _make_backward(bwd_op):

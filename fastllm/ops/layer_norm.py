@@ -39,6 +39,7 @@ def _setup_context(ctx, inputs, output):
     _, h, mean, rstd = output
     ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused h (post-LN) or stats output costs no zero-filled gradient
 
 
 def _make_backward(bwd_op):
