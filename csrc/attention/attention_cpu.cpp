@@ -2,22 +2,29 @@
 //
 // dtypes: float32 and bfloat16/float16 (converted to fp32 copies first: every GEMM, softmax and gradient sum is
 //   fp32; extra memory stays linear in T). Layouts, masks and the dropout hash: see attention.h.
-// Forward: at::parallel_for over (sequence b, head h, block of kBM query rows). Per k-block of kBN keys:
+// Forward: tasks (sequence b, head h, block of kBM query rows), dynamically scheduled over at::parallel_for's
+//   threads (parallel_tasks). Per k-block of kBN keys:
 //   S = scale * Q K^T (small cpublas GEMM, L1/L2-resident tiles), causal (bottom-right, offset lk - lq) and
 //   key-padding masks to -inf, online softmax (running max m, sum l, at::vec exp), dropout scaling of P from
 //   the counter hash, acc += P V. Out = acc / l; lse = m + log l is saved (fp32, (B, H, Tq) / (H, total_q)).
 //   A row with no allowed key gets out = 0 and lse = +inf (so the backward recomputes P = 0, never NaN).
-// Backward: at::parallel_for over (b, kv head); the task owns dK/dV of its kv head and dQ of the query heads
-//   that share it (GQA), so there are no atomics. Per k-block (outer) and q-block (inner): recompute
+// Backward: tasks (b, kv head), dynamically scheduled; the task owns dK/dV of its kv head and dQ of the query heads
+//   that share it (GQA), so there are no atomics. Per k-block (outer) and q-block of kBMB rows (inner): recompute
 //   P = exp(S - lse), dV += Pd^T dO, dP = (dO V^T) o M, dS = P o (dP - rowsum(dO o O)), dQ += scale dS K,
-//   dK += scale dS^T Q, where Pd = P o M and M is the dropout mask scaled by 1 / (1 - p).
+//   dK += scale dS^T Q, where Pd = P o M and M is the dropout mask scaled by 1 / (1 - p). Causal: q-blocks that
+//   end before the k-block are skipped.
+// Dropout mask: the counter hash of attention.h, eight columns per AVX2 step (same bits as the scalar hash).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -28,6 +35,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBM = 64, kBN = 128;  // query rows per block, keys per block
+constexpr int64_t kBMB = 128;           // query rows per block in the backward (fewer, larger GEMMs)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The BLAS sgemm_ that libtorch_cpu exports (MKL in the x86 wheels). at::native::cpublas::gemm is not exported,
@@ -63,6 +71,19 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const fl
   const at::Tensor x = ta ? view(a, k, m, lda, true) : view(a, m, k, lda, false);
   const at::Tensor y = tb ? view(b, n, k, ldb, true) : view(b, k, n, ldb, false);
   out.addmm_(x, y, beta, alpha);
+}
+
+// Runs body(state, t) for t in [0, n) on at::parallel_for's threads, each thread taking the next task from a
+// shared counter (dynamic scheduling: tasks of unequal cost, e.g. causal blocks or varlen sequences, and a
+// core shared with another process, do not leave one thread idle while the other works through its static half).
+template <class Init, class Body>
+void parallel_tasks(int64_t n, const Init& init, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    auto st = init();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(st, t);
+  });
 }
 
 struct Params {
@@ -105,12 +126,44 @@ bool block_all_masked(const bool* kmask, int64_t j0, int64_t bn) {
   return true;
 }
 
-// m[c] = keep ? 1/(1-p) : 0 for the (bm x bn) tile of head key hk (row stride kBN).
+#ifdef __AVX2__
+// fmix32 of eight uint32 lanes (wrapping multiplies, logical shifts): the same bits as the scalar fmix32.
+inline __m256i fmix32_v(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+#endif
+
+// m[c] = keep ? 1/(1-p) : 0 for the (bm x bn) tile of head key hk (row stride kBN). Bit-identical to
+// elem_hash in attention.h; with AVX2, eight columns at a time (col * kHashCol advanced by 8 * kHashCol).
 void dropout_tile(const Params& p, const Tile& t, uint32_t hk, float* m) {
   for (int64_t r = 0; r < t.bm; ++r) {
     const uint32_t rk = row_key(hk, static_cast<uint32_t>(t.i0 + r));
     float* row = m + r * kBN;
-    for (int64_t c = 0; c < t.bn; ++c) {
+    int64_t c = 0;
+#ifdef __AVX2__
+    // (h >> 8) < 2^24 and drop_thr <= 2^24, so the signed compare is exact.
+    const __m256i vrk = _mm256_set1_epi32(static_cast<int32_t>(rk));
+    const __m256i vthr = _mm256_set1_epi32(static_cast<int32_t>(p.drop_thr));
+    const __m256i step = _mm256_set1_epi32(static_cast<int32_t>(8u * kHashCol));
+    const __m256 vinv = _mm256_set1_ps(p.drop_inv);
+    const uint32_t k0 = static_cast<uint32_t>(t.j0) * kHashCol;
+    __m256i col = _mm256_add_epi32(
+        _mm256_set1_epi32(static_cast<int32_t>(k0)),
+        _mm256_setr_epi32(0, static_cast<int32_t>(kHashCol), static_cast<int32_t>(2u * kHashCol),
+                          static_cast<int32_t>(3u * kHashCol), static_cast<int32_t>(4u * kHashCol),
+                          static_cast<int32_t>(5u * kHashCol), static_cast<int32_t>(6u * kHashCol),
+                          static_cast<int32_t>(7u * kHashCol)));
+    for (; c + 8 <= t.bn; c += 8, col = _mm256_add_epi32(col, step)) {
+      const __m256i h = _mm256_srli_epi32(fmix32_v(_mm256_xor_si256(vrk, col)), 8);
+      const __m256i drop = _mm256_cmpgt_epi32(vthr, h);  // h < thr
+      _mm256_storeu_ps(row + c, _mm256_andnot_ps(_mm256_castsi256_ps(drop), vinv));
+    }
+#endif
+    for (; c < t.bn; ++c) {
       const uint32_t h = elem_hash(rk, static_cast<uint32_t>(t.j0 + c));
       row[c] = (h >> 8) >= p.drop_thr ? p.drop_inv : 0.f;
     }
@@ -226,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   const int64_t nqb = (d.Tq + kBM - 1) / kBM;
-  at::parallel_for(0, d.B * d.H * nqb, 1, [&](int64_t t0, int64_t t1) {
-    FwdState st(d.D);
-    for (int64_t t = t0; t < t1; ++t) fwd_block(p, st, t / (d.H * nqb), (t / nqb) % d.H, (t % nqb) * kBM);
+  // Last (most expensive when causal) q-blocks of each head first, so the cheap ones fill the tail.
+  parallel_tasks(d.B * d.H * nqb, [&] { return FwdState(d.D); }, [&](FwdState& st, int64_t t) {
+    fwd_block(p, st, t / (d.H * nqb), (t / nqb) % d.H, (nqb - 1 - t % nqb) * kBM);
   });
   return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }
@@ -239,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
 struct BwdState {
   std::vector<float> s, m, dp, dkj, dvj, delta;  // delta: rowsum(dO o O) of the G query heads, (G, Tq)
   BwdState(int64_t d, int64_t rows)
-      : s(kBM * kBN), m(kBM * kBN), dp(kBM * kBN), dkj(kBN * d), dvj(kBN * d), delta(rows) {}
+      : s(kBMB * kBN), m(kBMB * kBN), dp(kBMB * kBN), dkj(kBN * d), dvj(kBN * d), delta(rows) {}
 };
 
 // delta[i] = rowsum(dO_i * O_i) for the rows of one head.
@@ -306,8 +359,8 @@ void bwd_head_kblock(const Params& p, const HeadView& hv, BwdState& st, int64_t 
   const int64_t first = p.causal ? std::max<int64_t>(0, j0 - off) : 0;  // rows before it see none of the block
   const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
-  for (int64_t i0 = (first / kBM) * kBM; i0 < hv.lq; i0 += kBM) {
-    bwd_tile(p, hv, Tile{i0, std::min(kBM, hv.lq - i0), j0, bn, off}, st, hk, kmask, delta);
+  for (int64_t i0 = (first / kBMB) * kBMB; i0 < hv.lq; i0 += kBMB) {
+    bwd_tile(p, hv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off}, st, hk, kmask, delta);
   }
 }
 
@@ -353,10 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
-  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
-    BwdState st(d.D, (d.H / d.Hkv) * d.Tq);
-    for (int64_t t = t0; t < t1; ++t) bwd_task(p, st, t / d.Hkv, t % d.Hkv);
-  });
+  parallel_tasks(d.B * d.Hkv, [&] { return BwdState(d.D, (d.H / d.Hkv) * d.Tq); },
+                 [&](BwdState& st, int64_t t) { bwd_task(p, st, t / d.Hkv, t % d.Hkv); });
   return {cast_back(dq, q), cast_back(dk, k), cast_back(dv, v)};
 }
 
