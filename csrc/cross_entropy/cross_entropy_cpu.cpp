@@ -204,11 +204,6 @@ void ce_chunk_rows(T* lg, int64_t c, int64_t n, const ChunkArgs& a) {
   });
 }
 
-struct LceTensors {
-  at::Tensor h, labels, scale;  // (M, H), (M,), (M,) fp32 or undefined
-  at::Tensor gh, gw, gb;        // (M, H) input dtype, (V, H) fp32, (V,) fp32; undefined when not wanted
-};
-
 void ce_chunk(at::Tensor& lg, const ChunkArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lg.scalar_type(), "ce_chunk_rows", [&] {
     ce_chunk_rows(lg.data_ptr<scalar_t>(), lg.size(0), lg.size(1), a);
@@ -243,37 +238,6 @@ void lce_chunks(LceTensors& t, const at::Tensor& w, const std::optional<at::Tens
     at::mm_out(ghc, lg, w);  // (c, H) = (c, V) @ (V, H)
     accumulate_param_grads(lg, hc, t);
   }
-}
-
-// Indices of the rows whose label is not ignore_index; undefined when no row is ignored.
-at::Tensor kept_rows(const at::Tensor& labels, int64_t ignore_index) {
-  auto keep = labels.ne(ignore_index);  // (N,) bool
-  const int64_t m = keep.sum().item<int64_t>();
-  return m == labels.numel() ? at::Tensor() : keep.nonzero().squeeze(1);  // (M,)
-}
-
-at::Tensor gather(const at::Tensor& t, const at::Tensor& idx) { return idx.defined() ? t.index_select(0, idx) : t; }
-
-// A (M, ...) tensor of gathered rows scattered back into (N, ...) zeros.
-at::Tensor scatter_rows(const at::Tensor& sel, const at::Tensor& idx, int64_t rows) {
-  if (!idx.defined()) return sel;
-  auto sizes = sel.sizes().vec();
-  sizes[0] = rows;
-  return at::zeros(sizes, sel.options()).index_copy_(0, idx, sel);
-}
-
-LceTensors gather_inputs(const at::Tensor& hidden, const at::Tensor& labels, const at::Tensor& idx) {
-  LceTensors t;
-  t.h = gather(hidden, idx).contiguous();        // (M, H)
-  t.labels = gather(labels, idx).contiguous();  // (M,)
-  return t;
-}
-
-void alloc_grads(LceTensors& t, const at::Tensor& w, bool has_bias) {
-  auto f32 = w.options().dtype(at::kFloat);
-  t.gh = at::empty_like(t.h);                   // (M, H)
-  t.gw = at::zeros({w.size(0), w.size(1)}, f32);  // (V, H)
-  if (has_bias) t.gb = at::zeros({w.size(0)}, f32);  // (V,)
 }
 
 at::Tensor reduce_loss(const at::Tensor& loss_sel, const at::Tensor& idx, int64_t rows, int64_t reduction) {

@@ -172,11 +172,6 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 
 // ---- linear + cross-entropy ----
 
-struct LceTensors {
-  at::Tensor h, labels, scale;  // (M, H), (M,), (M,) fp32 or undefined
-  at::Tensor gh, gw, gb;        // (M, H), (V, H) fp32, (V,) fp32; undefined when not wanted
-};
-
 // grad_W += G^T h_c and grad_b += column sums of G, in fp32.
 void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensors& t) {
   if (g.scalar_type() == at::kFloat) {
@@ -209,35 +204,6 @@ void lce_chunks(LceTensors& t, const at::Tensor& w, const std::optional<at::Tens
     at::mm_out(ghc, lg, w);  // (c, H) = (c, V) @ (V, H)
     accumulate_param_grads(lg, hc, t);
   }
-}
-
-// Indices of the rows whose label is not ignore_index; undefined when no row is ignored (one host sync).
-at::Tensor kept_rows(const at::Tensor& labels, int64_t ignore_index) {
-  auto keep = labels.ne(ignore_index);  // (N,) bool
-  return keep.all().item<bool>() ? at::Tensor() : keep.nonzero().squeeze(1);  // (M,)
-}
-
-at::Tensor gather(const at::Tensor& t, const at::Tensor& idx) { return idx.defined() ? t.index_select(0, idx) : t; }
-
-at::Tensor scatter_rows(const at::Tensor& sel, const at::Tensor& idx, int64_t rows) {
-  if (!idx.defined()) return sel;
-  auto sizes = sel.sizes().vec();
-  sizes[0] = rows;
-  return at::zeros(sizes, sel.options()).index_copy_(0, idx, sel);
-}
-
-LceTensors gather_inputs(const at::Tensor& hidden, const at::Tensor& labels, const at::Tensor& idx) {
-  LceTensors t;
-  t.h = gather(hidden, idx).contiguous();        // (M, H)
-  t.labels = gather(labels, idx).contiguous();  // (M,)
-  return t;
-}
-
-void alloc_grads(LceTensors& t, const at::Tensor& w, bool has_bias) {
-  auto f32 = w.options().dtype(at::kFloat);
-  t.gh = at::empty_like(t.h);                       // (M, H)
-  t.gw = at::zeros({w.size(0), w.size(1)}, f32);    // (V, H)
-  if (has_bias) t.gb = at::zeros({w.size(0)}, f32);  // (V,)
 }
 
 at::Tensor empty0(const at::Tensor& t) { return at::empty({0}, t.options()); }
