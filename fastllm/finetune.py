@@ -64,6 +64,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_length: int = 128
+    doc_stride: int = 128  # QA: context tokens shared by consecutive windows of a long context (HF run_qa)
     max_steps: int | None = None  # stop early (smoke runs)
     train_limit: int | None = None  # use only the first N training examples
     seeds: tuple[int, ...] = (42,)
@@ -117,7 +118,7 @@ def _fit_state(model, mapped: dict, keep_head: bool, where) -> None:
 
 
 def _load_hf(path: Path, head: str, num_labels: int):
-    from fastllm.models.hf import _map_hf_keys, bert_config_from_hf, read_config, read_weights
+    from fastllm.models.hf import map_hf_keys, bert_config_from_hf, read_config, read_weights
     from fastllm.tokenizers import load_tokenizer
     d = read_config(path)
     if d.get("model_type", "bert") != "bert":
@@ -126,7 +127,7 @@ def _load_hf(path: Path, head: str, num_labels: int):
     have = len(d["id2label"]) if "id2label" in d else d.get("num_labels")
     keep = _check_head(arch, have, head, num_labels, path)
     model = HEADS[head](bert_config_from_hf(d, num_labels=max(num_labels, 1)))
-    mapped, unknown = _map_hf_keys(read_weights(path), "bert", "bert.")
+    mapped, unknown = map_hf_keys(read_weights(path), "bert", "bert.")
     if unknown:
         log.warning("fastllm: %s: checkpoint weights with no fastllm name, ignored: %s", path, unknown)
     _fit_state(model, mapped, keep, path)
@@ -294,15 +295,18 @@ def qa_setup(cfg: FinetuneConfig) -> TaskSetup:
     allow_empty = any(not e.answers for e in train + dev)
 
     def make(tokenizer, pad_id):
-        dev_feats = T.qa_features(tokenizer, dev, cfg.max_length)
+        dev_feats = T.qa_features(tokenizer, dev, cfg.max_length, cfg.doc_stride)
 
         def evaluate(model, device):
             rows = forward_all(model, dev_feats, cfg.eval_batch_size, pad_id, device)
-            pred = [T.decode_span(s, e, f, ex.context, allow_empty=allow_empty)
-                    for (s, e), f, ex in zip(rows, dev_feats, dev)]
+            windows: list[list[int]] = [[] for _ in dev]
+            for i, f in enumerate(dev_feats):
+                windows[f["example"]].append(i)
+            pred = [T.decode_example([rows[i] for i in w], [dev_feats[i] for i in w], ex.context,
+                                     allow_empty=allow_empty) for w, ex in zip(windows, dev)]
             res = M.squad_metrics(pred, [ex.answers for ex in dev])
             return {"dev": res}, res["f1"]
-        return T.qa_features(tokenizer, train, cfg.max_length), evaluate, None
+        return T.qa_features(tokenizer, train, cfg.max_length, cfg.doc_stride), evaluate, None
     return TaskSetup("qa", "qa", 2, make)
 
 
@@ -479,7 +483,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, list[str]
     p.add_argument("--dev-file")
     p.add_argument("--output-dir", default="finetune_out")
     for name, typ in (("epochs", int), ("batch-size", int), ("eval-batch-size", int), ("lr", float),
-                      ("weight-decay", float), ("warmup-ratio", float), ("max-length", int), ("max-steps", int),
+                      ("weight-decay", float), ("warmup-ratio", float), ("max-length", int), ("doc-stride", int),
+                      ("max-steps", int),
                       ("train-limit", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--seeds", type=int, nargs="+")

@@ -8,9 +8,12 @@ Invariants:
   max_length are predicted "O", so every gold sentence keeps its length for entity F1.
 - SQuAD JSON: {"data": [{"paragraphs": [{"context", "qas": [{"id", "question", "answers": [{"text",
   "answer_start"}], "is_impossible"?}]}]}]}; a missing key raises ValueError naming the file and the path.
-- QA features are (question, context) pairs truncated only in the context (no document stride: answers beyond
-  max_length are unreachable, their target is the [CLS] position); token offsets index the context string,
-  so a predicted span is a substring of the context.
+- QA features: [CLS] question [SEP] window [SEP], one feature per window of the context. Windows hold
+  max_length - len(question) - 3 context tokens and overlap by `doc_stride` tokens (HF run_qa's meaning of the
+  stride), so no part of a long context is unreachable; a window without the whole answer targets [CLS]
+  (as HF). Questions longer than max_query_length tokens are cut. Token offsets index the context string, so a
+  predicted span is a substring of the context; `decode_example` takes the best span over all windows of an
+  example and the lowest [CLS] null score of its windows (BERT's run_squad / HF's post-processing).
 """
 from __future__ import annotations
 
@@ -148,34 +151,80 @@ def _answer_tokens(offsets, ctx_tokens, start_char: int, end_char: int) -> tuple
     return first[0], last[-1]
 
 
-def qa_features(tokenizer, examples: list[QAExample], max_length: int) -> list[dict]:
-    """Pair encodings with start/end token targets and the context token positions and offsets."""
-    encs = tokenizer.encode_batch([(e.question, e.context) for e in examples], max_length=max_length,
-                                  truncation="only_second")
+def window_starts(n: int, room: int, doc_stride: int) -> list[int]:
+    """First context token of each window of `room` tokens over n tokens, consecutive windows sharing
+    `doc_stride` tokens."""
+    if room <= 0:
+        raise ValueError(f"max_length leaves no room for the context after the question ({room} tokens)")
+    if not 0 <= doc_stride < room:
+        raise ValueError(f"doc_stride {doc_stride} must be in [0, {room}) (the context tokens per window)")
+    starts = [0]
+    while starts[-1] + room < n:
+        starts.append(starts[-1] + room - doc_stride)
+    return starts
+
+
+def _qa_window(ex: QAExample, q: list[int], ctx, start: int, room: int, special: tuple[int, int]) -> dict:
+    cls, sep = special
+    win = range(start, min(start + room, len(ctx.ids)))
+    head = len(q) + 2
+    ids = [cls, *q, sep, *(ctx.ids[i] for i in win), sep]
+    offsets = [(0, 0)] * head + [tuple(ctx.offsets[i]) for i in win] + [(0, 0)]
+    tokens = list(range(head, head + len(win)))
+    s, e = 0, 0
+    if ex.answers:
+        a0 = ex.answer_starts[0]
+        s, e = _answer_tokens(offsets, tokens, a0, a0 + len(ex.answers[0]))
+    return {"input_ids": ids, "token_type_ids": [0] * head + [1] * (len(win) + 1), "start_positions": s,
+            "end_positions": e, "context_tokens": tokens, "offsets": offsets}
+
+
+def qa_features(tokenizer, examples: list[QAExample], max_length: int, doc_stride: int = 128,
+                max_query_length: int = 64) -> list[dict]:
+    """Features of every context window, each with `example` (its index in `examples`), start/end token
+    targets, and the context token positions and offsets."""
+    special = (_special_id(tokenizer, "[CLS]"), _special_id(tokenizer, "[SEP]"))
+    qs = tokenizer.encode_batch([e.question for e in examples], add_special_tokens=False)
+    cs = tokenizer.encode_batch([e.context for e in examples], add_special_tokens=False)
     feats = []
-    for ex, enc in zip(examples, encs):
-        ctx = [t for t, (ty, sp) in enumerate(zip(enc.type_ids, enc.special_tokens_mask)) if ty == 1 and not sp]
-        s, e = 0, 0
-        if ex.answers:
-            a0 = ex.answer_starts[0]
-            s, e = _answer_tokens(enc.offsets, ctx, a0, a0 + len(ex.answers[0]))
-        feats.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "start_positions": s,
-                      "end_positions": e, "context_tokens": ctx, "offsets": enc.offsets})
+    for k, (ex, q, ctx) in enumerate(zip(examples, qs, cs)):
+        q_ids = q.ids[:max_query_length]
+        room = max_length - len(q_ids) - 3
+        stride = min(doc_stride, max(room - 1, 0))  # a short max_length still advances by one token
+        for start in window_starts(len(ctx.ids), room, stride):
+            feats.append({**_qa_window(ex, q_ids, ctx, start, room, special), "example": k})
     return feats
+
+
+def best_span(start: torch.Tensor, end: torch.Tensor, feat: dict, max_answer_tokens: int = 30):
+    """(score, first token, last token) of the best context span of one window, or None without context."""
+    ctx = torch.tensor(feat["context_tokens"], dtype=torch.long)
+    if len(ctx) == 0:
+        return None
+    scores = start[ctx][:, None] + end[ctx][None, :]  # (C, C)
+    i, j = torch.meshgrid(ctx, ctx, indexing="ij")
+    scores = scores.masked_fill((j < i) | (j - i >= max_answer_tokens), float("-inf"))
+    flat = int(scores.argmax())
+    return float(scores.max()), int(ctx[flat // len(ctx)]), int(ctx[flat % len(ctx)])
+
+
+def decode_example(rows: list[tuple[torch.Tensor, torch.Tensor]], feats: list[dict], context: str,
+                   max_answer_tokens: int = 30, allow_empty: bool = False) -> str:
+    """The best span over all windows of one example; "" when allow_empty and the lowest [CLS] null score of
+    the windows beats it."""
+    best, null = None, float("inf")
+    for (start, end), feat in zip(rows, feats):
+        null = min(null, float(start[0] + end[0]))
+        cand = best_span(start, end, feat, max_answer_tokens)
+        if cand is not None and (best is None or cand[0] > best[0]):
+            best = (*cand, feat)
+    if best is None or (allow_empty and null > best[0]):
+        return ""
+    _, a, b, feat = best
+    return context[feat["offsets"][a][0]:feat["offsets"][b][1]]
 
 
 def decode_span(start: torch.Tensor, end: torch.Tensor, feat: dict, context: str, max_answer_tokens: int = 30,
                 allow_empty: bool = False) -> str:
-    """The best-scoring context span (start <= end, at most max_answer_tokens), or "" when allow_empty and the
-    [CLS] null score beats it."""
-    ctx = torch.tensor(feat["context_tokens"], dtype=torch.long)
-    if len(ctx) == 0:
-        return ""
-    scores = start[ctx][:, None] + end[ctx][None, :]
-    i, j = torch.meshgrid(ctx, ctx, indexing="ij")
-    scores = scores.masked_fill((j < i) | (j - i >= max_answer_tokens), float("-inf"))
-    flat = int(scores.argmax())
-    a, b = int(ctx[flat // len(ctx)]), int(ctx[flat % len(ctx)])
-    if allow_empty and float(start[0] + end[0]) > float(scores.max()):
-        return ""
-    return context[feat["offsets"][a][0]:feat["offsets"][b][1]]
+    """decode_example for a single window."""
+    return decode_example([(start, end)], [feat], context, max_answer_tokens, allow_empty)

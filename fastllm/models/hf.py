@@ -182,7 +182,7 @@ def _split_qkv(sd: dict) -> dict:
     return out
 
 
-def _map_hf_keys(hf_sd: dict, family: str, body_prefix: str) -> tuple[dict, list[str]]:
+def map_hf_keys(hf_sd: dict, family: str, body_prefix: str) -> tuple[dict, list[str]]:
     """HF state dict -> (fastllm state dict, HF keys that map to nothing)."""
     pairs, heads, skip, strip = ((BERT_PAIRS, BERT_HEAD_PAIRS, BERT_SKIP, "bert.") if family == "bert" else
                                  (GPT_PAIRS, GPT_HEAD_PAIRS, GPT_SKIP, "transformer."))
@@ -202,7 +202,7 @@ def _map_hf_keys(hf_sd: dict, family: str, body_prefix: str) -> tuple[dict, list
 
 
 def _to_hf_keys(sd: dict, family: str, body_prefix: str, hf_prefix: str) -> dict:
-    """fastllm state dict -> HF state dict (inverse of _map_hf_keys)."""
+    """fastllm state dict -> HF state dict (inverse of map_hf_keys)."""
     pairs, heads = (BERT_PAIRS, BERT_HEAD_PAIRS) if family == "bert" else (GPT_PAIRS, GPT_HEAD_PAIRS)
     sd = _split_qkv(sd) if family == "bert" else sd
     out = {}
@@ -290,7 +290,7 @@ def from_hf(path_or_dir, *, architecture: str | None = None, strict: bool = True
     hf_sd = read_weights(path)
     if family == "gpt" and model.lm_head is None:
         hf_sd = {k: v for k, v in hf_sd.items() if k != "lm_head.weight"}  # tied to wte
-    mapped, unknown = _map_hf_keys(hf_sd, family, prefix)
+    mapped, unknown = map_hf_keys(hf_sd, family, prefix)
     _load_state(model, mapped, unknown, strict)
     return model.eval()
 

@@ -58,8 +58,32 @@ def test_squad_reader_and_spans_map_back_to_answers():
         start[f["start_positions"]], end[f["end_positions"]] = 9.0, 9.0
         text = T.decode_span(start, end, f, ex.context, allow_empty=True)
         assert text == (ex.answers[0] if ex.answers else "")
-    cut = T.qa_features(tok, exs[:1], 16)[0]  # "France" is truncated away: the target is [CLS]
-    assert (cut["start_positions"], cut["end_positions"]) == (0, 0)
+    windows = T.qa_features(tok, exs[:1], 16, doc_stride=3)  # a long context: several overlapping windows
+    assert len(windows) > 1 and all(w["example"] == 0 for w in windows)
+    hits = [w for w in windows if w["start_positions"] > 0]
+    assert hits and any(w["start_positions"] == 0 == w["end_positions"] for w in windows)  # others target [CLS]
+    rows = []
+    for w in windows:  # the model is right in one window only; the null score is low everywhere
+        start, end = torch.full((len(w["input_ids"]),), -9.0), torch.full((len(w["input_ids"]),), -9.0)
+        if w is hits[0]:
+            start[w["start_positions"]], end[w["end_positions"]] = 9.0, 9.0
+        rows.append((start, end))
+    assert T.decode_example(rows, windows, exs[0].context, allow_empty=True) == exs[0].answers[0]
+
+
+@pytest.mark.parametrize("max_length,stride", [(28, 4), (40, 10), (64, 0)])
+def test_qa_windows_equal_huggingface_overflow(max_length, stride):
+    """Our windows are HF tokenizers' overflowing windows (truncation only_second, stride = overlap)."""
+    transformers = pytest.importorskip("transformers")
+    exs = T.read_squad(DATA / "squad" / "sample.json")
+    ours = T.qa_features(load_tokenizer(_minilm_dir()), exs, max_length, doc_stride=stride)
+    hf = transformers.AutoTokenizer.from_pretrained(str(_minilm_dir()))
+    want = []
+    for ex in exs:
+        enc = hf(ex.question, ex.context, max_length=max_length, stride=stride, truncation="only_second",
+                 return_overflowing_tokens=True)
+        want += enc["input_ids"]
+    assert [f["input_ids"] for f in ours] == want
 
 
 def test_bad_squad_names_the_key(tmp_path):
