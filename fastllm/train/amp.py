@@ -2,9 +2,11 @@
 
 Invariants:
 - bf16 and fp16 run the forward under torch.autocast; parameters, gradients and optimizer state stay fp32.
-- LossScaler (fp16 only; disabled it is the identity): the loss is multiplied by `scale`; before the optimizer
-  step the gradients are unscaled and checked. Any inf/NaN: the step is skipped (gradients zeroed, weights and
-  optimizer untouched), the scale is multiplied by backoff and `skipped` counts it. After `growth_interval`
+- LossScaler (fp16 only; disabled its scale is 1): the parallel engine multiplies each micro-batch loss by
+  `scale`, unscales the gradients it holds after the reduction, and checks them for inf/NaN with one all-reduce
+  over the whole world, so every rank (dp, tp and pp alike) takes the same decision. Any inf/NaN: the step is
+  skipped on every rank (gradients zeroed, weights and optimizer untouched), the scale is multiplied by backoff
+  and `skipped` counts it. After `growth_interval`
   clean steps in a row the scale is multiplied by growth. Its state is plain floats/ints (checkpointable).
 """
 from __future__ import annotations
@@ -28,18 +30,6 @@ class LossScaler:
         self.enabled, self.scale, self.growth_interval = enabled, float(init_scale) if enabled else 1.0, \
             growth_interval
         self.backoff, self.growth, self.clean, self.skipped = backoff, growth, 0, 0
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale if self.enabled else loss
-
-    def unscale_and_check(self, params) -> bool:
-        """Divides gradients by the scale; True when all are finite (always checked, also in fp32/bf16)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.enabled:
-            inv = 1.0 / self.scale
-            for g in grads:
-                g.mul_(inv)
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     def update(self, finite: bool) -> None:
         if not finite:

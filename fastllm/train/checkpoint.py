@@ -47,10 +47,10 @@ def _files(root: Path) -> list[Path]:
 def write_manifest(root: Path) -> None:
     entries = {p.relative_to(root).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                for p in _files(root)}
-    _write_synced(root / MANIFEST, json.dumps({"files": entries}, indent=1).encode())
+    write_synced(root / MANIFEST, json.dumps({"files": entries}, indent=1).encode())
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -140,7 +140,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, config: dic
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
-    _write_synced(tmp / "config.json", json.dumps(config, indent=1, default=str).encode())
+    write_synced(tmp / "config.json", json.dumps(config, indent=1, default=str).encode())
     tokenizer.save(tmp / "tokenizer")
     for name, obj in states.items():
         torch.save(obj, tmp / name)
@@ -151,11 +151,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, config: dic
         final.rename(old)
         shutil.rmtree(old)
     os.rename(tmp, final)
-    _prune(root, keep_last)
+    prune(root, keep_last)
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int) -> None:
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
 

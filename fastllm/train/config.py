@@ -98,6 +98,17 @@ class KernelsSection:
 
 
 @dataclass
+class ParallelSection:
+    dp: int = opt(0, "data-parallel degree (0: world size / (tp x pp))")
+    tp: int = opt(1, "tensor-parallel degree (Megatron: heads, MLP and vocabulary split)")
+    pp: int = opt(1, "pipeline-parallel stages")
+    zero: int = opt(0, "ZeRO stage over dp: 0 DDP | 1 optimizer states | 2 + gradients | 3 + parameters")
+    pipeline_schedule: str = opt("1f1b", "gpipe | 1f1b")
+    micro_batches: int = opt(0, "micro-batches per dp rank per step (0: batch_size / (dp x micro_batch_size)); "
+                                "sets micro_batch_size when that is 0")
+
+
+@dataclass
 class RunConfig:
     out: str = opt("", "run folder (everything goes there); default runs/<preset>-<timestamp>")
     resume: str = opt("", "auto (newest complete checkpoint in --out) | PATH of a checkpoint | '' (fresh)")
@@ -108,6 +119,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     kernels: KernelsSection = field(default_factory=KernelsSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,7 +131,7 @@ class RunConfig:
         return cfg
 
 
-SECTIONS = ("model", "data", "optim", "train", "checkpoint", "logging", "kernels")
+SECTIONS = ("model", "data", "optim", "train", "checkpoint", "logging", "kernels", "parallel")
 
 
 def all_keys(cfg: RunConfig | None = None) -> dict[str, dataclasses.Field]:
@@ -259,7 +271,16 @@ def validate(cfg: RunConfig) -> None:
         (d.max_seq_length >= 8, "data.max_seq_length", "must be >= 8"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)"),
+        *_parallel_checks(cfg.parallel),
     ]
     for ok, key, rule in checks:
         if not ok:
             raise ConfigError(f"--{key}: {rule}")
+
+
+def _parallel_checks(p: ParallelSection) -> list[tuple[bool, str, str]]:
+    return [(p.dp >= 0, "parallel.dp", "must be >= 0 (0: the rest of the world)"),
+            (p.tp >= 1, "parallel.tp", "must be >= 1"), (p.pp >= 1, "parallel.pp", "must be >= 1"),
+            (p.zero in (0, 1, 2, 3), "parallel.zero", "must be 0, 1, 2 or 3"),
+            (p.pipeline_schedule in ("gpipe", "1f1b"), "parallel.pipeline_schedule", "must be gpipe or 1f1b"),
+            (p.micro_batches >= 0, "parallel.micro_batches", "must be >= 0")]

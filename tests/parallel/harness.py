@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, fn, args) -> N
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
         result = ("ok", fn(rank, world, *args))
-    except BaseException as e:  # reported to the parent with its traceback
+    except BaseException as e:  # noqa: BLE001 - reported to the parent with its traceback
         result = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
     finally:
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as fh:

@@ -5,9 +5,10 @@ import math
 import torch
 
 from fastllm.models import GPT, preset
+from fastllm.parallel.engine import Layout, ParallelEngine
+from fastllm.parallel.mesh import Mesh
 from fastllm.train.amp import LossScaler
-from fastllm.train.config import OptimSection
-from fastllm.train.optim import build_optimizer, param_groups
+from fastllm.train.optim import param_groups
 from fastllm.train.schedule import WarmupDecay, lr_factor
 from fastllm.train.trainer import Trainer
 
@@ -39,10 +40,9 @@ def test_schedule_warmup_then_decay():
 
 
 def _trainer(scaler):
-    m = _model()
-    cfg = OptimSection(lr=1e-2, warmup_steps=0)
-    opt = build_optimizer(m, cfg)
-    return Trainer(m, opt, WarmupDecay(opt, cfg.lr, 0, 100), scaler, precision="fp32")
+    engine = ParallelEngine(_model(), Mesh(), Layout(), {"lr": 1e-2, "betas": (0.9, 0.98), "eps": 1e-6,
+                                                         "weight_decay": 0.01})
+    return Trainer(engine, WarmupDecay(engine, 1e-2, 0, 100), scaler, precision="fp32")
 
 
 def _batch():
@@ -62,7 +62,7 @@ def test_injected_inf_skips_the_step_and_backs_off():
         assert not res.finite
         assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     assert scaler.skipped == 2 and scaler.scale == 256.0
-    assert not tr.optimizer.state  # AdamW never stepped
+    assert not tr.engine.dp.optimizer.state  # AdamW never stepped
     for _ in range(2):
         assert tr.train_step(_batch()).finite
     assert scaler.scale == 512.0  # grew after 2 clean steps
