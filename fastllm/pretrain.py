@@ -34,7 +34,7 @@ from fastllm.parallel import checkpoint as parallel_ckpt
 from fastllm.parallel.engine import Layout, ParallelEngine
 from fastllm.parallel.mesh import Mesh, MeshError
 from fastllm.train import checkpoint as ckpt_io
-from fastllm.train.amp import LossScaler
+from fastllm.train.amp import DTYPES, LossScaler
 from fastllm.train.config import RunConfig, help_text, parse_args
 from fastllm.train.logging import MetricsLogger, plot_loss
 from fastllm.train.schedule import WarmupDecay
@@ -317,7 +317,7 @@ def eval_batches(data, cfg: RunConfig, mbs: int, mesh: Mesh) -> list[dict]:
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, mesh: Mesh) -> ParallelEngine:
     p, o = cfg.parallel, cfg.optim
-    layout = Layout(mesh.dp, mesh.tp, mesh.pp, p.zero, p.pipeline_schedule)
+    layout = Layout(mesh.dp, mesh.tp, mesh.pp, p.zero, p.pipeline_schedule, p.sequence_parallel)
     optim = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
     try:
         return ParallelEngine(model, mesh, layout, optim)
@@ -333,11 +333,14 @@ def build_state(cfg: RunConfig, prep: Prepared, mesh: Mesh, device: torch.device
         enable_activation_checkpointing(model)
     fpt = flops_per_token(model, prep.model_config, cfg.data.max_seq_length)
     set_threads(cfg, model, device)
+    if cfg.train.param_dtype != "fp32":  # Megatron-style mixed precision: the engine keeps fp32 masters
+        model.to(DTYPES[cfg.train.param_dtype])
     engine = build_engine(cfg, model, mesh)
     torch.manual_seed(cfg.train.seed + 7919 * mesh.dp_rank)  # dropout differs across dp ranks, not tp ranks
     sched = WarmupDecay(engine, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule,
                         cfg.optim.min_lr_ratio)
-    scaler = LossScaler(cfg.train.precision == "fp16", cfg.train.loss_scale_init, cfg.train.loss_scale_window)
+    fp16 = "fp16" in (cfg.train.precision, cfg.train.param_dtype)
+    scaler = LossScaler(fp16, cfg.train.loss_scale_init, cfg.train.loss_scale_window)
     sampler = DeterministicSampler(len(prep.train_data), cfg.train.seed)
     loader = StepLoader(prep.train_data, sampler, cfg.train.batch_size, micro_batch(cfg, mesh), mesh.dp_rank,
                         mesh.dp, cfg.data.prefetch)

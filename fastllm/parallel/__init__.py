@@ -8,6 +8,8 @@ Invariants (shared by every file of this package):
   shard records how it maps into the canonical tensor (`tp_dim`, `tp_index` attributes, see tensor_parallel.py),
   a pipeline stage keeps only its layers under their original names, and a weight tied across pipeline stages
   has one owner (the first stage) and copies flagged `tied_copy` (excluded from norms and checkpoints).
+  Under sequence parallelism, replicated params that see only their rank's positions are flagged
+  `sequence_parallel`; their partial gradients are summed over tp before clipping (engine.py).
 - Losses are weighted by each micro-batch's share of the *global* batch and gradients are SUMMED across data-
   parallel ranks, so every layout computes the single-process gradient of the same global batch.
 """

@@ -146,11 +146,12 @@ def load_into(engine, ckpt: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- saving
 def consolidate(ckpt_dir: Path, model_config: dict, out_file: Path) -> None:
-    """Writes the single-device model.safetensors (canonical names, tied weights once) from the shards."""
+    """Writes the single-device fp32 model.safetensors (canonical names, tied weights once) from the shards."""
     from safetensors.torch import save_model
     state, _ = canonical_state(ckpt_dir)
     model, _ = ckpt_io.build_model(model_config)
-    result = model.load_state_dict(state["param"], strict=False)
+    params = {**state["param"], **state.get("master", {})}  # fp32 masters of bf16/fp16 parameters win
+    result = model.load_state_dict(params, strict=False)
     if result.unexpected_keys or result.missing_keys:
         raise ckpt_io.CheckpointError(f"{ckpt_dir}: shards do not form the model (missing "
                                       f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")

@@ -270,6 +270,11 @@ class _Engine:
         """Every gradient tensor this rank holds for its optimizer (unscaled, checked and clipped in place)."""
         return [p.grad for _, p in self._tied if p.grad is not None]
 
+    def grad_pieces(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """After finish_grads: (param, gradient piece) pairs the optimizer steps from, in the same order on every
+        rank with the same parameter layout (e.g. tp peers): pieces of this rank's dp shard, then whole grads."""
+        return self._sharded_grads() + self._replicated_grads()
+
     # -------------------------------------------------------------- optimizer
     def _opt_param(self, p: nn.Parameter) -> nn.Parameter:
         """What AdamW steps for a per-param entry: p itself, or its fp32 master for low-precision params."""

@@ -2,16 +2,19 @@
 
 Invariants:
 - Built from a full single-device model that every rank constructed from the same seed: `apply_tensor_parallel`
-  slices it (tp > 1), `build_stage` keeps this rank's layers (pp > 1), `build_data_parallel` wraps the result
-  (always; at dp = 1 its collectives are no-ops). Parameter names stay canonical throughout.
+  slices it (tp > 1; with layout.sequence_parallel also along the sequence in the LayerNorm / dropout regions,
+  so pipeline stages exchange (B, T/tp, H) activations), `build_stage` keeps this rank's layers (pp > 1),
+  `build_data_parallel` wraps the result (always; at dp = 1 its collectives are no-ops). Parameter names stay
+  canonical throughout.
 - Global-batch weighting: the loss of micro-batch i is weighted by its share of the global batch's targets
   (LM/MLM tokens with a label, NSP sequences), counted on the host from the labels and summed over dp before any
   forward. Gradients are summed over dp, so every layout computes the gradient of the single-process loss of
   the same global batch, and the reported loss is that loss (the micro-batch sums, all-reduced over dp and pp).
 - One optimizer step: forward/backward of every micro-batch (the pipeline schedule when pp > 1; otherwise a
-  loop whose last backward alone communicates), dp reduction, tied-weight gradient sync across stages, fp16
-  unscale, a finite check agreed by every rank, global-norm clipping (each gradient element counted once: tp-
-  replicated params on tp rank 0 only, tied copies never), the step, zero_grad.
+  loop whose last backward alone communicates), dp reduction, tied-weight gradient sync across stages, the tp sum
+  of sequence-parallel params' partial gradients, fp16 unscale, a finite check agreed by every rank, global-norm
+  clipping (each gradient element counted once: tp-replicated params, sequence-parallel ones included, on tp rank
+  0 only, tied copies never), the step, zero_grad.
 """
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ from fastllm.train.amp import autocast
 
 @dataclass
 class Layout:
-    """dp x pp x tp, the ZeRO stage and the pipeline schedule (validated by fastllm.train.config)."""
+    """dp x pp x tp, the ZeRO stage, the pipeline schedule and Megatron sequence parallelism (tp > 1; ignored at
+    tp == 1) (validated by fastllm.train.config)."""
     dp: int = 1
     tp: int = 1
     pp: int = 1
     zero: int = 0
     pipeline_schedule: str = "1f1b"
+    sequence_parallel: bool = False
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
@@ -51,7 +56,8 @@ def _targets(mb: dict, causal: bool) -> tuple[int, int]:
 
 
 def counted(mesh: Mesh):
-    """The clipping predicate: count tp-replicated params on tp rank 0 only and never a tied copy."""
+    """The clipping predicate: count tp-replicated params (sequence-parallel ones too: their grads are summed over
+    tp before clipping) on tp rank 0 only and never a tied copy."""
     def keep(p) -> bool:
         if getattr(p, "tied_copy", False):
             return False
@@ -65,7 +71,7 @@ class ParallelEngine:
         self.causal = _is_causal_lm(model)
         if mesh.tp > 1:
             from fastllm.parallel.tensor_parallel import apply_tensor_parallel
-            apply_tensor_parallel(model, mesh)
+            apply_tensor_parallel(model, mesh, layout.sequence_parallel)
         if mesh.pp > 1:
             from fastllm.parallel.pipeline import build_stage
             model = build_stage(model, mesh)
@@ -128,6 +134,9 @@ class ParallelEngine:
         if self.mesh.pp > 1:
             from fastllm.parallel.pipeline import sync_tied_grads
             sync_tied_grads(self.model, self.mesh)
+        if self.layout.sequence_parallel and self.mesh.tp > 1:  # partial grads of LayerNorms etc. -> full
+            from fastllm.parallel.tensor_parallel import sync_sequence_parallel_grads
+            sync_sequence_parallel_grads(self.dp.grad_pieces(), self.mesh)
 
     def step(self, clip: float, inv_scale: float = 1.0) -> tuple[bool, float]:
         """After forward_backward: reduce, unscale, check, clip, step. Returns (finite, global grad norm)."""

@@ -15,7 +15,9 @@ Invariants:
 - pp > number of layers is a PipelineError raised identically on every rank before any communication.
 - Only activations travel between stages: [hidden] (post-LN BERT) or [hidden, residual] (pre-LN GPT: the stream
   is hidden + residual, nn/blocks.py), each (B, T, H) with B, T from the micro-batch's input_ids, which every
-  stage has. Their dtypes are sent once per call in a small header (under autocast a GPT stage sends a bf16
+  stage has; under sequence parallelism (model.tp_sequence_parallel) each tp rank sends its (B, T/tp, H) shard
+  to the same tp rank of the next stage (T % tp != 0: the TensorParallelError, on every rank before any send).
+  Their dtypes are sent once per call in a small header (under autocast a GPT stage sends a bf16
   delta and an fp32 residual). Gradients travel back with the same shapes and dtypes. p2p ops are
   batch_isend_irecv to the global ranks of mesh.peers('pp') over mesh.group('pp').
 - The last stage runs the model's own forward with its encoder (GPT.body / the BERT head's encode) replaced by
@@ -314,12 +316,17 @@ class _Runner:
         self.layers_fn, self.head_fn = (_gpt_layers, _gpt_head) if gpt else (_bert_layers, _bert_head)
         self.hidden = (self.model.config.n_embd if gpt else self.model.config.hidden_size) if mesh.pp > 1 else 0
         self.link = _Link(mesh, 2 if gpt else 1)
+        self.mesh, self.seq_split = mesh, getattr(self.model, "tp_sequence_parallel", False) and mesh.tp > 1
         self.loss_fn, self.no_sync, self.n_micro = loss_fn, no_sync, n_micro
         self.stats, self.total, self.backwards = stats or PipelineStats(), 0.0, 0
         self.in_flight = 0
 
     def shape(self, mb: dict) -> tuple:
         b, t = mb["input_ids"].shape
+        if self.seq_split:
+            from fastllm.parallel.tensor_parallel import check_sequence_length
+            check_sequence_length(t, self.mesh)
+            return (b, t // self.mesh.tp, self.hidden)  # (B, T/tp, H): this tp rank's positions
         return (b, t, self.hidden)  # (B, T, H)
 
     def _timed_exchange(self, mb: dict, **kw):

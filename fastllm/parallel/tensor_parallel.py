@@ -10,7 +10,8 @@ Invariants:
   neither; they see identical gradients on every tp rank, so no extra reduction is needed.
 - Conjugate operators: copy_to_tp (f) is identity forward / all-reduce of the gradient backward at the entry of
   a parallel region; reduce_from_tp (g) is all-reduce forward / identity backward at its exit. Every activation
-  outside attention heads, MLP intermediate units and vocabulary shards is replicated across tp ranks.
+  outside attention heads, MLP intermediate units and vocabulary shards is replicated across tp ranks (without
+  sequence parallelism, below).
 - Attention: rank r owns q heads [r H/tp, (r+1) H/tp) and kv heads [r Hkv/tp, (r+1) Hkv/tp), so each GQA group
   stays on one rank. MLP: intermediate units [r I/tp, (r+1) I/tp) (SwiGLU: the same units of gate and up).
 - Vocabulary: padded to Vp = ceil(V / tp) * tp; rank r owns rows [r Vp/tp, (r+1) Vp/tp) of the word
@@ -23,16 +24,35 @@ Invariants:
   every rank before any collective.
 - Dropout: replicated activations draw identical masks on every rank (same seed, same calls); attention dropout
   inside local heads draws the same masks on every rank for different heads (not the single-device stream).
+- Sequence parallelism (Korthikanti et al. 2022; apply_tensor_parallel(..., sequence_parallel=True), GPT and
+  BERT): activations outside the parallel matmuls (embedding output, LayerNorms, dropouts, residual adds, GPT's
+  (delta, residual) pair) are (B, T/tp, H): rank r holds positions [r T/tp, (r+1) T/tp). f becomes an all-gather
+  along T (backward: reduce-scatter), run by a forward pre-hook at the entry of each attention / MLP module, so
+  attention sees the full T (masks, causality and RoPE positions unchanged) and ColumnParallelLinear's own f is
+  the identity; g (RowParallelLinear, VocabParallelEmbedding) becomes a reduce-scatter along T (backward: all-
+  gather). Position / token-type tables look up this rank's positions only (a pre-hook slices their ids). The
+  sequence is all-gathered (backward: this rank's chunk of the replicated gradient) where it leaves the region:
+  GPT's ln_f output, BERT's last block output, so heads, losses and logits are unchanged. T % tp != 0 is a
+  TensorParallelError naming T and tp, raised on every tp rank before the first collective.
+- SP parameters (LayerNorms in the region, RowParallelLinear biases, position / token-type tables) see only their
+  rank's positions, so their gradients are partial: they carry p.sequence_parallel = True and
+  sync_sequence_parallel_grads sums them over tp (ParallelEngine.finish_grads, before clipping); afterwards they
+  are replicated like any other unsharded parameter. SP dropout (SequenceParallelDropout) draws the full-sequence
+  mask from the shared RNG stream and keeps its chunk: the same masks as without SP, at tp x the RNG work.
+  Parameter names do not change. Model outputs' hidden_states inside the stack are T/tp shards.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.models.bert import _MLMHead
+from fastllm.models.bert import BertModel, _MLMHead
 from fastllm.models.gpt import GPT
+from fastllm.nn.blocks import TransformerBlock
 from fastllm.nn.embeddings import Embeddings
 from fastllm.nn.heads import VocabLoss
 from fastllm.nn.mha import MultiHeadAttention
@@ -138,7 +158,12 @@ def gather_vocab_logits(local_logits: torch.Tensor, vocab_size: int, mesh: Mesh)
 
 # ---------------------------------------------------------------------- parallel layers
 class ColumnParallelLinear(nn.Linear):
-    """y_local = f(x) @ W[rows].T + b[rows]: output features `rows` of a canonical Linear."""
+    """y_local = f(x) @ W[rows].T + b[rows]: output features `rows` of a canonical Linear.
+
+    sequence_parallel: x was already all-gathered along T at the entry of the attention / MLP module (SP's f,
+    which reduce-scatters the gradient), so f here is the identity."""
+
+    sequence_parallel = False
 
     def __init__(self, linear: nn.Linear, rows: torch.Tensor, mesh: Mesh):
         nn.Module.__init__(self)
@@ -148,11 +173,16 @@ class ColumnParallelLinear(nn.Linear):
         self.out_features, self.in_features = self.weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.mesh), self.weight, self.bias)  # (..., out_local)
+        x = x if self.sequence_parallel else copy_to_tp(x, self.mesh)
+        return F.linear(x, self.weight, self.bias)  # (..., out_local)
 
 
 class RowParallelLinear(nn.Linear):
-    """y = g(x_local @ W[:, cols].T) + b: input features `cols` of a canonical Linear; bias replicated."""
+    """y = g(x_local @ W[:, cols].T) + b: input features `cols` of a canonical Linear; bias replicated.
+
+    sequence_parallel: g is a reduce-scatter along T (B, T, out) -> (B, T/tp, out), then the bias is added."""
+
+    sequence_parallel = False
 
     def __init__(self, linear: nn.Linear, cols: torch.Tensor, mesh: Mesh):
         nn.Module.__init__(self)
@@ -162,12 +192,16 @@ class RowParallelLinear(nn.Linear):
         self.out_features, self.in_features = self.weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.mesh)  # (..., out)
+        g = reduce_scatter_seq if self.sequence_parallel else reduce_from_tp
+        y = g(F.linear(x, self.weight), self.mesh)  # (..., out); SP: (B, T/tp, out)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # the full bias, added once
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [r Vp/tp, (r+1) Vp/tp) of a token embedding; other ids give zero rows, then g sums over ranks."""
+    """Rows [r Vp/tp, (r+1) Vp/tp) of a token embedding; other ids give zero rows, then g sums over ranks
+    (sequence_parallel: a reduce-scatter along T, (B, T, H) -> (B, T/tp, H))."""
+
+    sequence_parallel = False
 
     def __init__(self, emb: nn.Embedding, mesh: Mesh):
         super().__init__()
@@ -180,10 +214,13 @@ class VocabParallelEmbedding(nn.Module):
         self.local_padding_idx = pad if pad is not None and 0 <= pad < self.num_embeddings else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            check_sequence_length(ids.shape[-1], self.mesh)  # before any collective, on every rank alike
         local = ids - self.start  # (B, T)
         outside = (local < 0) | (local >= self.num_embeddings)  # (B, T)
         x = F.embedding(local.masked_fill(outside, 0), self.weight, self.local_padding_idx)  # (B, T, H)
-        return reduce_from_tp(x.masked_fill(outside[..., None], 0.0), self.mesh)  # (B, T, H)
+        g = reduce_scatter_seq if self.sequence_parallel else reduce_from_tp
+        return g(x.masked_fill(outside[..., None], 0.0), self.mesh)  # (B, T, H); SP: (B, T/tp, H)
 
     def extra_repr(self) -> str:
         return f"{self.vocab_size}, {self.embedding_dim}, local={self.num_embeddings}, padding_idx={self.padding_idx}"
@@ -273,6 +310,177 @@ class VocabParallelLoss(nn.Module):
                                       float(self.label_smoothing), int(ignore_index), self.mesh, max(chunk, 1))
 
 
+# ---------------------------------------------------------------------- sequence parallelism (Korthikanti et al.)
+_reduce_scatter_t = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+_all_gather_t = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+def check_sequence_length(t: int, mesh: Mesh) -> None:
+    """TensorParallelError unless the sequence length t splits over tp (no collective: same on every tp rank)."""
+    tp = mesh.size("tp")
+    if t % tp:
+        raise TensorParallelError(f"sequence_parallel: the sequence length T = {t} is not divisible by tp = {tp} "
+                                  f"(pad batches to a multiple of tp, or turn sequence_parallel off)")
+
+
+def seq_slice(x: torch.Tensor, mesh: Mesh, dim: int = 1) -> torch.Tensor:
+    """This rank's chunk [r T/tp, (r+1) T/tp) of x along `dim` (a view)."""
+    n = x.shape[dim] // mesh.size("tp")
+    return x.narrow(dim, mesh.tp_rank * n, n)
+
+
+def _seq_all_gather(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """(B, T/tp, *) shards of every tp rank -> (B, T, *) in rank order."""
+    tp, x = mesh.size("tp"), x.contiguous()
+    out = x.new_empty((tp, *x.shape))  # (tp, B, T/tp, *)
+    _all_gather_t(out.view(-1), x.view(-1), group=mesh.group("tp"))  # flat: the collectives split dim 0
+    return out.movedim(0, 1).reshape(x.shape[0], tp * x.shape[1], *x.shape[2:])  # (B, T, *)
+
+
+def _seq_reduce_scatter(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """(B, T, *) partial sums -> this rank's chunk (B, T/tp, *) of their sum over tp."""
+    tp = mesh.size("tp")
+    check_sequence_length(x.shape[1], mesh)
+    chunks = x.reshape(x.shape[0], tp, x.shape[1] // tp, *x.shape[2:]).movedim(1, 0).contiguous()  # (tp, B, T/tp, *)
+    out = x.new_empty(chunks.shape[1:])  # (B, T/tp, *)
+    _reduce_scatter_t(out.view(-1), chunks.view(-1), group=mesh.group("tp"))
+    return out
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh, reduce_grad):
+        ctx.mesh, ctx.reduce_grad = mesh, reduce_grad
+        return _seq_all_gather(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:  # each rank holds a partial gradient of the full sequence
+            return _seq_reduce_scatter(grad, ctx.mesh), None, None
+        return seq_slice(grad, ctx.mesh).contiguous(), None, None  # every rank holds the full gradient
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _seq_reduce_scatter(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_all_gather(grad, ctx.mesh), None
+
+
+def gather_seq(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """SP's f: (B, T/tp, ...) -> (B, T, ...) all-gather forward, reduce-scatter of the gradient backward."""
+    return x if mesh.size("tp") == 1 else _GatherSeq.apply(x, mesh, True)
+
+
+def gather_seq_replicated(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """All-gather along T forward; backward keeps this rank's chunk of a gradient every rank holds in full
+    (the exit of the sequence-parallel region into replicated heads)."""
+    return x if mesh.size("tp") == 1 else _GatherSeq.apply(x, mesh, False)
+
+
+def reduce_scatter_seq(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """SP's g: (B, T, ...) partial sums -> (B, T/tp, ...) chunk of the sum forward, all-gather backward."""
+    return x if mesh.size("tp") == 1 else _ReduceScatterSeq.apply(x, mesh)
+
+
+class SequenceParallelDropout(nn.Dropout):
+    """Dropout of a (B, T/tp, ...) shard with this rank's chunk of the full-sequence mask drawn from the RNG
+    stream every tp rank shares: the masks (and the RNG state after the call) equal the non-SP layout's."""
+
+    def __init__(self, p: float, mesh: Mesh):
+        super().__init__(p)
+        self.mesh = mesh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        full = (x.shape[0], x.shape[1] * self.mesh.size("tp"), *x.shape[2:])  # (B, T, ...)
+        mask = F.dropout(torch.ones(full, dtype=x.dtype, device=x.device), self.p, True)  # 0 or 1 / (1 - p)
+        return x * seq_slice(mask, self.mesh).contiguous()  # (B, T/tp, ...)
+
+
+def _flag_sequence_parallel(module: nn.Module | None) -> None:
+    if module is not None:
+        for p in module.parameters():
+            p.sequence_parallel = True
+
+
+def _gather_point(model: nn.Module) -> tuple[nn.Module, bool]:
+    """(module whose output leaves the sequence-split region, whether it is GPT's final LayerNorm)."""
+    if isinstance(model, GPT):
+        return model.ln_f, True
+    bert = model if isinstance(model, BertModel) else getattr(model, "bert", None)
+    if isinstance(bert, BertModel) and len(bert.layers):
+        return bert.layers[-1], False
+    raise TensorParallelError(f"sequence_parallel supports GPT and BERT models, got {type(model).__name__}")
+
+
+def check_sequence_parallel(model: nn.Module) -> None:
+    """TensorParallelError when `model` has no sequence-parallel form (no collective)."""
+    _gather_point(model)
+    for name, m in model.named_modules():
+        if isinstance(m, MultiHeadAttention) and m.cross:
+            raise TensorParallelError(f"{name}: sequence_parallel does not split cross-attention")
+        if isinstance(m, Embeddings) and m.position_kind == "sinusoidal":
+            raise TensorParallelError(f"{name}: sequence_parallel does not support sinusoidal positions")
+
+
+def _apply_sequence_parallel(model: nn.Module, mesh: Mesh) -> None:
+    """Hooks the TP-split model into Megatron's sequence-parallel form (see the module docstring)."""
+    gather_in = (lambda mod, args: (gather_seq(args[0], mesh), *args[1:]))
+    slice_ids = (lambda mod, args: (seq_slice(args[0], mesh, -1), *args[1:]))
+    for m in list(model.modules()):
+        if isinstance(m, (MultiHeadAttention, MLP)):  # entry f: all-gather; the ColumnParallelLinears skip theirs
+            m.register_forward_pre_hook(gather_in)
+            column, row = (m.qkv, m.out) if isinstance(m, MultiHeadAttention) else (m.fc_in, m.fc_out)
+            column.sequence_parallel = True  # f is the identity: its input was gathered at the module's entry
+            row.sequence_parallel = True  # g is a reduce-scatter along T
+            if row.bias is not None:  # added after the reduce-scatter, on T shards: partial gradients
+                row.bias.sequence_parallel = True
+        elif isinstance(m, Embeddings):
+            m.word.sequence_parallel = True  # reduce-scatter along T instead of the all-reduce
+            for table in (m.position, m.token_type):  # looked up for this rank's positions only
+                if table is not None:
+                    table.register_forward_pre_hook(slice_ids)
+                    _flag_sequence_parallel(table)
+            _flag_sequence_parallel(m.norm)
+            m.dropout = SequenceParallelDropout(m.dropout.p, mesh)
+        elif isinstance(m, TransformerBlock):
+            for norm in (m.norm1, m.norm2, getattr(m, "norm3", None)):
+                _flag_sequence_parallel(norm)
+            m.drop = SequenceParallelDropout(m.drop.p, mesh)
+    point, is_norm = _gather_point(model)
+    _flag_sequence_parallel(point if is_norm else None)
+
+    def gather_out(mod, args, out):
+        if is_norm:  # ln_f(x) -> y, or ln_f(x, residual) -> (y, x + residual): y leaves the region
+            return (gather_seq_replicated(out[0], mesh), *out[1:]) if isinstance(out, tuple) \
+                else gather_seq_replicated(out, mesh)
+        return dataclasses.replace(out, hidden=gather_seq_replicated(out.hidden, mesh))  # BERT's last BlockOutput
+
+    point.register_forward_hook(gather_out)
+    model.tp_sequence_parallel = True
+
+
+def sync_sequence_parallel_grads(pairs, mesh: Mesh) -> None:
+    """Sums over tp the gradients (or gradient pieces) of params flagged `sequence_parallel`; `pairs` are
+    (param, grad) in the same order on every tp rank. One all-reduce per dtype; a no-op at tp == 1."""
+    if mesh.size("tp") == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p, g in pairs:
+        if g is not None and getattr(p, "sequence_parallel", False):
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for grads in by_dtype.values():
+        flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), mesh, "tp")
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
 # ---------------------------------------------------------------------- validation and application
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
     """Raises TensorParallelError when `model` cannot be split over tp ranks (no collective: same on all ranks)."""
@@ -336,9 +544,14 @@ def _split_vocab(model: nn.Module, mesh: Mesh) -> None:
                 setattr(m, name, VocabParallelLoss(mesh, child.label_smoothing))
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """Shards `model` in place over mesh's tp group (see the module docstring); sets model.tp_mesh = mesh."""
+def apply_tensor_parallel(model: nn.Module, mesh: Mesh, sequence_parallel: bool = False) -> nn.Module:
+    """Shards `model` in place over mesh's tp group (see the module docstring); sets model.tp_mesh = mesh.
+
+    sequence_parallel (tp > 1; a no-op at tp == 1): also split the LayerNorm / dropout / residual regions along T
+    (GPT and BERT models; sets model.tp_sequence_parallel = True)."""
     check_tensor_parallel(model, mesh.size("tp"))
+    if sequence_parallel and mesh.size("tp") > 1:
+        check_sequence_parallel(model)
     if mesh.size("tp") > 1:
         for m in list(model.modules()):
             if isinstance(m, MultiHeadAttention):
@@ -346,5 +559,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh) -> nn.Module:
             elif isinstance(m, MLP):
                 _split_mlp(m, mesh)
         _split_vocab(model, mesh)
+        if sequence_parallel:
+            _apply_sequence_parallel(model, mesh)
     model.tp_mesh = mesh
     return model

@@ -66,6 +66,8 @@ class TrainSection:
     batch_size: int = opt(32, "global sequences per optimizer step")
     micro_batch_size: int = opt(0, "sequences per forward/backward per process (0: batch_size / world size)")
     precision: str = opt("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
+    param_dtype: str = opt("fp32", "fp32 | bf16 | fp16: storage of parameters and gradients; bf16/fp16 keep fp32 "
+                                   "master weights in the optimizer (sharded under ZeRO); fp16 adds loss scaling")
     activation_checkpointing: bool = opt(False, "recompute each layer's activations in backward")
     device: str = opt("auto", "auto | cpu | cuda")
     stop_at: int = opt(0, "stop (with a checkpoint) after this step, keeping the schedule of max_steps (0: off)")
@@ -104,6 +106,8 @@ class ParallelSection:
     pp: int = opt(1, "pipeline-parallel stages")
     zero: int = opt(0, "ZeRO stage over dp: 0 DDP | 1 optimizer states | 2 + gradients | 3 + parameters")
     pipeline_schedule: str = opt("1f1b", "gpipe | 1f1b")
+    sequence_parallel: bool = opt(False, "split LayerNorm/dropout regions along the sequence across tp ranks "
+                                         "(needs tp > 1)")
     micro_batches: int = opt(0, "micro-batches per dp rank per step (0: batch_size / (dp x micro_batch_size)); "
                                 "sets micro_batch_size when that is 0")
 
@@ -264,6 +268,7 @@ def validate(cfg: RunConfig) -> None:
         (t.max_steps > 0, "train.max_steps", "must be > 0"), (t.batch_size > 0, "train.batch_size", "must be > 0"),
         (t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0"),
         (t.precision in ("fp32", "bf16", "fp16"), "train.precision", "must be fp32, bf16 or fp16"),
+        (t.param_dtype in ("fp32", "bf16", "fp16"), "train.param_dtype", "must be fp32, bf16 or fp16"),
         (o.schedule in ("linear", "cosine", "constant"), "optim.schedule", "must be linear, cosine or constant"),
         (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"), (o.lr > 0, "optim.lr", "must be > 0"),
         (0 < d.mlm_probability < 1, "data.mlm_probability", "must be in (0, 1)"),
@@ -272,6 +277,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
         (cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)"),
         *_parallel_checks(cfg.parallel),
+        (not cfg.parallel.sequence_parallel or d.max_seq_length % cfg.parallel.tp == 0, "parallel.sequence_parallel",
+         f"needs data.max_seq_length ({d.max_seq_length}) divisible by parallel.tp ({cfg.parallel.tp})"),
     ]
     for ok, key, rule in checks:
         if not ok:
@@ -283,4 +290,5 @@ def _parallel_checks(p: ParallelSection) -> list[tuple[bool, str, str]]:
             (p.tp >= 1, "parallel.tp", "must be >= 1"), (p.pp >= 1, "parallel.pp", "must be >= 1"),
             (p.zero in (0, 1, 2, 3), "parallel.zero", "must be 0, 1, 2 or 3"),
             (p.pipeline_schedule in ("gpipe", "1f1b"), "parallel.pipeline_schedule", "must be gpipe or 1f1b"),
-            (p.micro_batches >= 0, "parallel.micro_batches", "must be >= 0")]
+            (p.micro_batches >= 0, "parallel.micro_batches", "must be >= 0"),
+            (not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")]

@@ -1,6 +1,7 @@
 """Every layout trains like one process: per-step losses, grad norms and final parameters of 10 steps of a tiny
-GPT and a tiny BERT (MLM + NSP, padding) under DDP, ZeRO-1/2/3, TP, PP (GPipe, 1F1B) and their 4-process
-compositions equal the single-process run on the same global batches (vocabulary 1001: not divisible by tp).
+GPT and a tiny BERT (MLM + NSP, padding) under DDP, ZeRO-1/2/3, TP (with and without sequence parallelism), PP
+(GPipe, 1F1B) and their 4-process compositions equal the single-process run on the same global batches
+(vocabulary 1001: not divisible by tp).
 
 Tolerance: fp32 everywhere; layouts only change summation order (micro-batch splits, dp all-reduce, tp partial
 matmuls), about 1e-7 relative per op. Over 10 AdamW steps (normalized updates of lr 3e-3) that stays below
@@ -15,11 +16,12 @@ from tests.parallel.workloads import Run, merge, run_layout, worker_errors, work
 RTOL, ATOL = 1e-5, 1e-6
 
 TWO = [Run(f, dp=2, zero=z) for f in ("gpt", "bert") for z in (0, 1, 2, 3)] + \
-      [Run(f, tp=2) for f in ("gpt", "bert")] + \
+      [Run(f, tp=2, sp=sp) for f in ("gpt", "bert") for sp in (False, True)] + \
       [Run(f, pp=2, schedule=s) for f in ("gpt", "bert") for s in ("gpipe", "1f1b")]
 FOUR = [Run("gpt", dp=2, tp=2, zero=1), Run("bert", dp=2, tp=2, zero=2),
         Run("gpt", dp=2, pp=2, zero=2), Run("bert", dp=2, pp=2, zero=1, schedule="gpipe"),
-        Run("gpt", tp=2, pp=2), Run("bert", tp=2, pp=2)]
+        Run("gpt", tp=2, pp=2), Run("bert", tp=2, pp=2),
+        Run("gpt", tp=2, pp=2, sp=True), Run("bert", tp=2, pp=2, sp=True), Run("bert", dp=2, tp=2, zero=3, sp=True)]
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,12 @@ from fastllm.parallel.tensor_parallel import (
     TensorParallelError,
     VocabParallelLoss,
     apply_tensor_parallel,
+    check_sequence_parallel,
     check_tensor_parallel,
     gather_canonical,
     gather_vocab_logits,
     shard_canonical,
+    sync_sequence_parallel_grads,
     vocab_index,
 )
 from tests.parallel.harness import run_distributed
@@ -91,10 +93,12 @@ def _grads(model, full):
     return {n: None if p.grad is None else full(p.grad, p) for n, p in model.named_parameters()}
 
 
-def _step_results(model, batch, field, vocab, full, gather_logits):
+def _step_results(model, batch, field, vocab, full, gather_logits, after_backward=None):
     """Loss and canonical gradients of one training step, then eval-mode logits (canonical)."""
     loss = model(**batch).loss
     loss.backward()
+    if after_backward is not None:
+        after_backward(model)
     out = {"loss": loss.item(), "grads": _grads(model, full), "logits": None,
            "shapes": {n: tuple(full(p.detach(), p).shape) for n, p in model.named_parameters()}}
     if field is not None:
@@ -179,6 +183,70 @@ def _errors(mesh):
     return msgs
 
 
+SP_CASES = ("gpt", "gpt_gqa", "bert_pt")
+
+
+def _sp_shapes(model, batch):
+    """(module, shapes of its tensor inputs / output) at the block boundaries of one training forward."""
+    seen = []
+    record = (lambda name: lambda mod, args: seen.append((name, [tuple(a.shape) for a in args if torch.is_tensor(a)])))
+    enc = model if isinstance(model, GPT) else model.bert
+    hooks = [layer.register_forward_pre_hook(record(f"layers.{i}")) for i, layer in enumerate(enc.layers)]
+    hooks.append(enc.embeddings.register_forward_hook(lambda mod, args, out: seen.append(("embeddings",
+                                                                                          [tuple(out.shape)]))))
+    if isinstance(model, GPT):
+        hooks.append(model.ln_f.register_forward_pre_hook(record("ln_f")))
+        hooks.append(model.ln_f.register_forward_hook(lambda mod, args, out: seen.append(("head",
+                                                                                         [tuple(out[0].shape)]))))
+    else:
+        hooks.append(model.bert.pooler.register_forward_pre_hook(record("head")))
+    model(**batch)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _sp_dropout(mesh, full):
+    """GPT with every dropout at 0.1, tp=2 with and without sequence parallelism: (loss, grads, eval loss) each."""
+    out = []
+    g = torch.Generator().manual_seed(1)
+    ids = _ids(2, 12, V, g)
+    for sp in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.1,
+                              embd_pdrop=0.1, attn_pdrop=0.1))
+        apply_tensor_parallel(model, mesh, sequence_parallel=sp)
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sync_sequence_parallel_grads([(p, p.grad) for p in model.parameters()], mesh)
+        model.eval()
+        with torch.no_grad():
+            clean = model(input_ids=ids, labels=ids).loss.item()
+        out.append((loss.item(), _grads(model, full), clean))
+    return out
+
+
+def _sp_worker(mesh, full, logits):
+    """Sequence parallelism at tp=2: step results (grads summed over tp), block-boundary shapes, flags, errors."""
+    out = {}
+    sync = (lambda m: sync_sequence_parallel_grads([(p, p.grad) for p in m.parameters()], mesh))
+    for name in SP_CASES:
+        model, batch, vocab, field = _case(name)
+        apply_tensor_parallel(model, mesh, sequence_parallel=True)
+        out[name] = _step_results(model, batch, field, vocab, full, logits, after_backward=sync)
+        out[name]["flagged"] = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", 0))
+        model.zero_grad()
+        out[name]["seen"] = _sp_shapes(model, batch)
+        try:  # odd T over tp = 2: raised on both ranks before any collective, so the ranks stay in step
+            model(**{k: v[:, :-1] for k, v in batch.items() if k in ("input_ids", "token_type_ids", "labels")})
+            out[name]["error"] = None
+        except TensorParallelError as e:
+            out[name]["error"] = str(e)
+    out["dropout"] = _sp_dropout(mesh, full)
+    return out
+
+
 def _tp_worker(rank, world):
     mesh = Mesh(tp=world)
     full = (lambda t, p: gather_canonical(t, p, mesh))
@@ -197,6 +265,7 @@ def _tp_worker(rank, world):
         apply_tensor_parallel(model, mesh)
         out[f"train_{name}"] = (_train(model, batch), {n: full(p.detach(), p) for n, p in model.named_parameters()})
     out["vocab_loss"] = _loss_check(mesh)
+    out["sp"] = _sp_worker(mesh, full, logits)
     return out
 
 
@@ -290,3 +359,65 @@ def test_tp1_is_a_no_op_and_twice_is_an_error():
     assert [n for n, _ in model.named_parameters()] == names
     with pytest.raises(TensorParallelError, match="already tensor-parallel"):
         apply_tensor_parallel(model, Mesh())
+
+
+@pytest.mark.parametrize("name", SP_CASES)
+def test_sequence_parallel_matches_single_process(tp2, name):
+    """Loss, canonical gradients (partial ones summed over tp) and eval logits equal one process."""
+    ref = _reference(name)
+    for rank, res in enumerate(tp2):
+        got = res["sp"][name]
+        assert got["shapes"] == ref["shapes"], "parameter names or canonical shapes differ"
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"rank {rank}"
+        for n, g in ref["grads"].items():
+            assert (got["grads"][n] is None) == (g is None), n
+            if g is not None:
+                _close(got["grads"][n], g, f"rank {rank} grad {n}")
+        _close(got["logits"], ref["logits"], f"rank {rank} logits")
+
+
+@pytest.mark.parametrize("name", SP_CASES)
+def test_sequence_parallel_activations_are_split_along_t(tp2, name):
+    """Between blocks every rank holds (B, T/tp, H) (GPT: delta and residual both); the heads see the full T."""
+    b, t = _case(name)[1]["input_ids"].shape
+    for res in tp2:
+        seen = dict(res["sp"][name]["seen"])
+        blocks = [k for k in seen if k.startswith("layers.")]
+        assert len(blocks) == 2 and seen["embeddings"] == [(b, t // 2, 32)]
+        for k in blocks:  # GPT's first block gets the embedding output alone, later ones (delta, residual)
+            assert seen[k] and all(s == (b, t // 2, 32) for s in seen[k]), (k, seen[k])
+        if name.startswith("gpt"):
+            assert seen["ln_f"] == [(b, t // 2, 32)] * 2
+        assert seen["head"] == [(b, t, 32)]  # all-gathered where the sequence leaves the split region
+        flagged, pre = res["sp"][name]["flagged"], "bert." if name == "bert_pt" else ""
+        assert f"{pre}layers.0.norm1.weight" in flagged and f"{pre}layers.1.attn.out.bias" in flagged, flagged
+        assert f"{pre}layers.1.mlp.fc_out.bias" in flagged and f"{pre}layers.0.attn.qkv.bias" not in flagged
+        if name == "bert_pt":
+            assert {"bert.embeddings.position.weight", "bert.embeddings.token_type.weight",
+                    "bert.embeddings.norm.weight"} <= set(flagged)
+            assert not any(n.startswith(("mlm.", "nsp.", "bert.pooler.")) for n in flagged)
+        else:
+            assert "ln_f.weight" in flagged and ("embeddings.position.weight" in flagged) == (name == "gpt")
+        assert not any(n.endswith("word.weight") for n in flagged)
+
+
+def test_sequence_parallel_errors_and_dropout(tp2):
+    for res in tp2:
+        for name in SP_CASES:
+            t = _case(name)[1]["input_ids"].shape[1] - 1
+            assert f"sequence length T = {t} is not divisible by tp = 2" in res["sp"][name]["error"]
+        (loss, grads, clean), (sp_loss, sp_grads, _) = res["sp"]["dropout"]
+        assert abs(loss - clean) > 1e-4  # dropout is active (a 2e-3 change at init)
+        assert sp_loss == pytest.approx(loss, rel=1e-5)  # SP dropout draws plain TP's masks
+        for n, g in grads.items():
+            _close(sp_grads[n], g, f"dropout grad {n}")
+
+
+def test_sequence_parallel_needs_gpt_or_bert_and_is_a_no_op_at_tp1():
+    t5 = Transformer(TransformerConfig(src_vocab_size=50, tgt_vocab_size=50, **T5))
+    with pytest.raises(TensorParallelError, match="supports GPT and BERT models, got Transformer"):
+        check_sequence_parallel(t5)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=16, n_head=2, n_layer=1))
+    apply_tensor_parallel(model, Mesh(), sequence_parallel=True)
+    assert not hasattr(model, "tp_sequence_parallel") and not model.ln_f._forward_hooks
+    assert not any(hasattr(p, "sequence_parallel") for p in model.parameters())

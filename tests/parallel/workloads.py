@@ -33,6 +33,7 @@ class Run:
     steps: int = 10
     heads: int = 4
     layers: int = 4
+    sp: bool = False  # Megatron sequence parallelism (tp > 1)
 
 
 def build_model(family: str, heads: int = 4, layers: int = 4, seed: int = 0) -> torch.nn.Module:
@@ -66,7 +67,7 @@ def my_micro_batches(batch: dict, mesh: Mesh, micro: int) -> list[dict]:
 
 
 def make_trainer(run: Run, mesh: Mesh) -> Trainer:
-    layout = Layout(run.dp, run.tp, run.pp, run.zero, run.schedule)
+    layout = Layout(run.dp, run.tp, run.pp, run.zero, run.schedule, run.sp)
     engine = ParallelEngine(build_model(run.family, run.heads, run.layers), mesh, layout,
                             {"lr": 3e-3, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.01})
     sched = WarmupDecay(engine, 3e-3, 2, run.steps)

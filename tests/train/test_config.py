@@ -41,3 +41,12 @@ def test_help_lists_every_option_with_doc_and_default():
     for key, f in all_keys().items():
         assert f"--{key} " in text and f.metadata["doc"] in text
     assert "[default: 200]" in text
+
+
+def test_sequence_parallel_needs_tp_and_a_divisible_sequence():
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel: needs parallel.tp > 1"):
+        parse_args(["--parallel.sequence_parallel", "true"])
+    with pytest.raises(ConfigError, match=r"max_seq_length \(130\) divisible by parallel.tp \(4\)"):
+        parse_args(["--parallel.sequence_parallel", "true", "--parallel.tp", "4", "--data.max_seq_length", "130"])
+    cfg = parse_args(["--parallel.sequence_parallel", "on", "--parallel.tp", "2", "--data.max_seq_length", "64"])
+    assert cfg.parallel.sequence_parallel and cfg.parallel.tp == 2

@@ -119,10 +119,27 @@ def test_torchrun_two_processes_match_one(tmp_path, cache):
 
 
 def test_torchrun_tensor_and_pipeline_parallel(tmp_path, cache):
-    """GPT at tp=2 and BERT at pp=2 (1F1B, 4 micro-batches) follow the single-process losses."""
-    for preset, layout in (("gpt-nano", ("--parallel.tp", "2")),
+    """GPT at tp=2 with sequence parallelism and BERT at pp=2 (1F1B, 4 micro-batches) follow the single-process
+    losses."""
+    for preset, layout in (("gpt-nano", ("--parallel.tp", "2", "--parallel.sequence_parallel", "true")),
                            ("bert-tiny", ("--parallel.pp", "2", "--parallel.micro_batches", "4"))):
         common = ("--model.preset", preset, "--train.max_steps", "4", "--model.dropout", "0.0")
         _torchrun(2, _argv(tmp_path / preset, cache, *common, *layout))
         one = run(_cfg(tmp_path / f"{preset}-one", cache, *common))
         assert _losses(tmp_path / preset) == pytest.approx(one["losses"], rel=1e-5), preset
+
+
+def test_bf16_parameters_keep_fp32_masters_across_resume(tmp_path, cache):
+    """--train.param_dtype bf16 (ZeRO-1 flat masters): the checkpoint holds the fp32 masters, model.safetensors is
+    the fp32 master model, and a resumed run repeats the uninterrupted one exactly."""
+    args = ("--train.max_steps", "8", "--train.param_dtype", "bf16", "--parallel.zero", "1", "--model.dropout", "0")
+    full = run(_cfg(tmp_path / "a", cache, *args))
+    run(_cfg(tmp_path / "b", cache, *args, "--train.stop_at", "4"))
+    second = run(_cfg(tmp_path / "b", cache, *args, "--resume", "auto"))
+    assert second["losses"] == full["losses"][4:]
+    model, shards = _state(full["checkpoint"])
+    masters = {k.split("/", 1)[1]: v for k, v in shards.items() if k.startswith("master/")}
+    assert masters and all(v.dtype == torch.float32 for v in masters.values())
+    assert all(shards[f"param/{n}"].dtype == torch.bfloat16 for n in masters)
+    assert sum(n in model for n in masters) > 10
+    assert all(torch.equal(model[n], masters[n]) for n in masters if n in model)
