@@ -27,13 +27,16 @@ TORCH_LIBRARY(fastllm, m) {
   // Fused attention (csrc/attention/attention.h has the layouts). Padded: q (B, H, Tq, D), k/v (B, Hkv, Tk, D),
   // key_padding_mask (B, Tk) bool (True = attend), cu_seqlens None. Varlen: q (total_q, H, D), k/v
   // (total_k, Hkv, D), cu_seqlens int32 (B + 1,). Returns (out, lse); lse fp32 (B, H, Tq) or (H, total_q).
+  // max_seqlen_* are SymInt (the kernels take int64_t): a padded call passes Tq/Tk, which torch.compile then
+  // keeps symbolic instead of specializing (recompiling) on every sequence length.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q,"
-        " Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float dropout_p, float scale,"
-        " int seed) -> (Tensor, Tensor)");
+        " Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float dropout_p,"
+        " float scale, int seed) -> (Tensor, Tensor)");
   // Gradients of attention_fwd (same arguments, plus dout, out and lse). Returns (dq, dk, dv).
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-        " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q,"
-        " int max_seqlen_k, bool causal, float dropout_p, float scale, int seed) -> (Tensor, Tensor, Tensor)");
+        " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q,"
+        " SymInt max_seqlen_k, bool causal, float dropout_p, float scale, int seed)"
+        " -> (Tensor, Tensor, Tensor)");
   // Softmax cross-entropy of (N, V) logits against int64 labels (N,). Returns fp32 (loss, lse), shape (N,);
   // loss is 0 on rows labelled ignore_index. The reduction is done by the caller.
   m.def("cross_entropy_fwd(Tensor logits, Tensor labels, int ignore_index, float label_smoothing)"

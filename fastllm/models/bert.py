@@ -7,6 +7,8 @@ Invariants:
 - BertForPreTraining / BertForMaskedLM with labels: the MLM head (dense + act + LayerNorm) runs only on rows
   whose label != -100, then fastllm.ops.linear_cross_entropy with the tied word-embedding weight + decoder bias;
   prediction_logits / logits are None in training mode unless return_logits=True (eval mode computes them).
+  Under torch.compile the head runs on every row instead (static shapes: one graph, no recompile per count of
+  masked tokens); linear_cross_entropy skips the ignored rows, so loss and gradients are the same.
 - Sequence classification follows HF's problem_type: regression (MSE) when num_labels == 1, single-label CE for
   integer labels, multi-label BCE-with-logits for float labels.
 - Every fastllm.ops backend is fixed at build time from config.kernels.
@@ -115,7 +117,15 @@ class _MLMHead(nn.Module):
         return F.linear(self.transform(seq), self.decoder_weight, self.bias)  # (B, T, V)
 
     def masked_loss(self, seq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows, target = masked_rows(seq, labels)  # (M, H), (M,)
+        if torch.compiler.is_compiling():
+            # Static shapes under torch.compile: the transform runs on every row and linear_cross_entropy
+            # skips the ignored ones itself (same loss and gradients). Gathering the masked rows (nonzero) has
+            # a data-dependent size: a graph break, and a graph after it whose shape changes every batch. The
+            # extra dense + LayerNorm on unmasked rows costs H^2 MACs a token against ~12 H^2 per layer and
+            # token in the encoder: < 1% of a BERT-base step.
+            rows, target = seq.reshape(-1, seq.shape[-1]), labels.reshape(-1)  # (B*T, H), (B*T,)
+        else:
+            rows, target = masked_rows(seq, labels)  # (M, H), (M,)
         return self.loss(self.transform(rows), self.decoder_weight, target, self.bias)
 
 

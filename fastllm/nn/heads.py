@@ -7,7 +7,8 @@ Invariants:
   whose label != ignore_index, through fastllm.ops.linear_cross_entropy: no (N, V) logits are materialized.
   Under autocast the matmul inputs are cast to the autocast dtype, as torch.nn.functional.linear would be.
 - masked_rows(hidden (B, T, H), labels (B, T)) -> (rows (M, H), labels (M,)) keeps only labelled positions,
-  so an MLM head runs on the ~15% masked tokens only (a data-dependent shape: a graph break under compile).
+  so an MLM head runs on the ~15% masked tokens only. M is data-dependent (a graph break under torch.compile),
+  so compiled models skip it and keep all rows (see BERT's _MLMHead.masked_loss).
 """
 from __future__ import annotations
 

@@ -15,8 +15,12 @@ Invariants:
 - Backends (fastllm.ops.backends): reference (materialized scores, the oracle), cpu/cuda
   (torch.ops.fastllm.attention_fwd/_bwd, csrc/attention/), triton (fastllm.kernels.attention). The fused
   backends save only out and the fp32 log-sum-exp (B, H, Tq) for the backward: extra memory O(B*H*T).
-- The dispatcher ops have fake kernels and autograd formulas registered here (torch.compile, opcheck).
-  Drawing a seed (dropout with generator_seed=None) reads a random number: a graph break under compile.
+- The dispatcher ops have fake kernels and autograd formulas registered here (torch.compile, opcheck). Their
+  max_seqlen arguments are SymInt, so a compiled model keeps sequence lengths symbolic (one graph for all).
+- Under torch.compile, dropout with generator_seed=None draws the seed inside the graph as an int64 tensor
+  (inductor's RNG, also seeded by torch.manual_seed, so compiled and eager masks differ) and calls the
+  tensor-seed wrappers fastllm::attention_fwd_seeded / _bwd_seeded, which read it inside the op: no graph
+  break, no host sync in the traced code. Eager calls keep the int-seed ops unchanged.
 """
 from __future__ import annotations
 
@@ -70,6 +74,47 @@ if _ext.load().loaded and hasattr(torch.ops.fastllm, "attention_fwd"):
     register("fastllm::attention_fwd", "fastllm::attention_bwd", torch.ops.fastllm.attention_bwd)
 
 
+# ------------------------------------------------------------------------------- tensor seed (torch.compile)
+# The fused ops take the dropout seed as an int. A seed drawn while tracing must stay a tensor (its .item()
+# would break the graph), so under compile these wrappers take it as a 0-d int64 tensor and read it when they
+# run. They are opaque to inductor and call the backend's own int-seed ops.
+@torch.library.custom_op("fastllm::attention_fwd_seeded", mutates_args=())
+def _fwd_seeded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int, causal: bool,
+                dropout_p: float, scale: float, seed: torch.Tensor,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_op(backend)(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, int(seed))
+
+
+@torch.library.custom_op("fastllm::attention_bwd_seeded", mutates_args=())
+def _bwd_seeded(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, mask: torch.Tensor | None, cu_q: torch.Tensor | None,
+                cu_k: torch.Tensor | None, max_q: int, max_k: int, causal: bool, dropout_p: float,
+                scale: float, seed: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_op(backend)(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale,
+                            int(seed))
+
+
+_fwd_seeded.register_fake(lambda *a: _fwd_fake(*a[:12]))
+_bwd_seeded.register_fake(lambda *a: _bwd_fake(*a[:15]))
+
+
+def _seeded_setup_context(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k, *ctx.args, seed, ctx.backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask, cu_q, cu_k, seed)
+    ctx.set_materialize_grads(False)
+
+
+def _seeded_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dq, dk, dv = _bwd_seeded(dout, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.args, seed, ctx.backend)
+    return dq, dk, dv, *([None] * 10)
+
+
+_fwd_seeded.register_autograd(_seeded_backward, setup_context=_seeded_setup_context)
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def _check_qkv(q, k, v, dims: int, name: str) -> None:
     for n_, t in (("q", q), ("k", k), ("v", v)):
@@ -119,12 +164,13 @@ def _check_cu(cu, name: str, total: int, max_len: int) -> torch.Tensor:
     return cu.to(torch.int32).contiguous()
 
 
-def _seed(dropout_p: float, generator_seed: int | None) -> int:
+def _seed(dropout_p: float, generator_seed: int | None) -> int | torch.Tensor:
     if dropout_p == 0.0:
         return 0
     if generator_seed is not None:
         return int(generator_seed) & (2**63 - 1)
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())  # torch.manual_seed controls it
+    drawn = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch.manual_seed controls it
+    return drawn if torch.compiler.is_compiling() else int(drawn.item())  # a tensor: see the module doc
 
 
 def _backend(name_op: str, q: torch.Tensor, backend: str) -> str:
@@ -146,6 +192,22 @@ def _fwd_op(name: str):
     return torch.ops.fastllm.attention_fwd
 
 
+def _bwd_op(name: str):
+    if name == "triton":
+        _fwd_op(name)  # registers the Triton ops
+        return torch.ops.fastllm.attention_bwd_triton
+    return torch.ops.fastllm.attention_bwd
+
+
+def _run_fwd(name: str, q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dropout_p: float,
+             scale: float, seed: int | torch.Tensor) -> torch.Tensor:
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), mask, cu_q, cu_k, max_q, max_k, causal, dropout_p,
+            scale)
+    if isinstance(seed, torch.Tensor):  # drawn under torch.compile
+        return _fwd_seeded(*args, seed, name)[0]
+    return _fwd_op(name)(*args, seed)[0]
+
+
 # ------------------------------------------------------------------------------------------------ public
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None,
@@ -162,9 +224,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if name == "reference":
         return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed)
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    out, _ = _fwd_op(name)(q.contiguous(), k.contiguous(), v.contiguous(), mask, None, None, q.shape[2],
-                           k.shape[2], bool(causal), float(dropout_p), scale, seed)
-    return out
+    return _run_fwd(name, q, k, v, mask, None, None, q.shape[2], k.shape[2], bool(causal), float(dropout_p),
+                    scale, seed)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -184,6 +245,5 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     name = _backend("attention_varlen", q, backend)
     if name == "reference":
         return reference.attention_varlen(q, k, v, cu_q, cu_k, causal, dropout_p, scale, seed)
-    out, _ = _fwd_op(name)(q.contiguous(), k.contiguous(), v.contiguous(), None, cu_q, cu_k, int(max_seqlen_q),
-                           int(max_seqlen_k), bool(causal), float(dropout_p), scale, seed)
-    return out
+    return _run_fwd(name, q, k, v, None, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+                    float(dropout_p), scale, seed)

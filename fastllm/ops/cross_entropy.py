@@ -237,10 +237,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
 
 def auto_chunk_size(rows: int, vocab: int, device) -> int:
     """Rows per chunk: a power of two with chunk x V ~ 16 M logits (64 MiB fp32) on CPU, 64 M on GPU
-    (bigger GEMMs run closer to peak there), between 16 and 4096, and no more than the rows present."""
+    (bigger GEMMs run closer to peak there), between 16 and 4096, and no more than the rows present.
+
+    Under torch.compile the row count is not a cap: min(chunk, rows) passed to the op would specialize the
+    graph on a symbolic row count (a recompile per sequence length). The cap changes nothing else: every
+    backend sizes its logits buffer by min(chunk, rows to compute); rows <= chunk is one chunk either way."""
     budget = 1 << (26 if torch.device(device).type == "cuda" else 24)
     chunk = 1 << max(4, min(12, (budget // vocab).bit_length() - 1))
-    return max(1, min(chunk, rows))
+    return chunk if torch.compiler.is_compiling() else max(1, min(chunk, rows))
 
 
 def _lce_op(name: str):

@@ -53,9 +53,12 @@ def dropout_threshold(p: float) -> int:
     return int(math.floor(p * 16777216.0 + 0.5))
 
 
-def dropout_keep(seed: int, bh: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean keep mask, broadcast over bh (..., 1, 1), rows (..., R, 1) and cols (..., 1, C)."""
-    lo, hi = torch.tensor(seed & _M32), torch.tensor((seed >> 32) & _M32)
+def dropout_keep(seed: int | torch.Tensor, bh: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 p: float) -> torch.Tensor:
+    """Boolean keep mask, broadcast over bh (..., 1, 1), rows (..., R, 1) and cols (..., 1, C).
+
+    `seed` is an int, or a 0-d int64 tensor (drawn inside a torch.compile graph)."""
+    lo, hi = torch.as_tensor(seed & _M32), torch.as_tensor((seed >> 32) & _M32)
     a = _fmix32(lo ^ _fmix32(hi ^ _mul32(bh.long(), HASH_BH)))  # per (seed, b*H + h)
     r = _fmix32(a ^ _mul32(rows.long(), HASH_ROW))  # per query row
     h = _fmix32(r ^ _mul32(cols.long(), HASH_COL))  # per element
@@ -86,7 +89,7 @@ def _allowed(b: int, tq: int, tk: int, causal: bool, key_padding_mask, device) -
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None,
-              seed: int = 0, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+              seed: int | torch.Tensor = 0, batch_index: torch.Tensor | None = None) -> torch.Tensor:
     """Materialized-score attention. q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with Hkv dividing H.
 
     `batch_index` (B,) renames the batch entries for the dropout hash (varlen uses the sequence index)."""

@@ -190,15 +190,3 @@ def test_presets_have_the_published_sizes():
                                                                    if k not in ("kernels", "hidden_act")}))
     count = (lambda m: sum(p.numel() for p in m.parameters()))  # parameters() counts tied weights once
     assert count(BertForPreTraining(cfg)) == count(hf)
-
-
-def test_torch_compile_matches_eager():
-    cfg = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertForPreTraining(cfg).train()
-    batch = mlm_batch(cfg)
-    eager = model(**batch).loss
-    # aot_eager traces forward and backward through the registered fake kernels; selecting the masked rows
-    # is data-dependent (a graph break), which compile handles by splitting the graph.
-    compiled = torch.compile(model, backend="aot_eager")(**batch).loss
-    compiled.backward()
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # same kernels; fp32 reordering only

@@ -71,7 +71,7 @@ def test_shift_right_and_config_errors():
     assert preset("transformer-base").d_model == 512
 
 
-def test_bf16_autocast_and_compile():
+def test_bf16_autocast_is_close():
     cfg = tiny_transformer(dropout=0.0)
     model = Transformer(cfg).eval()
     batch = _batch(cfg)
@@ -80,5 +80,3 @@ def test_bf16_autocast_and_compile():
         out = model(**batch)
     # bf16 (8 mantissa bits) through 2 + 2 layers: the ~4.5 loss stays within 3%.
     torch.testing.assert_close(out.loss.float(), ref, rtol=3e-2, atol=0.0)
-    compiled = torch.compile(model, backend="aot_eager")(**batch).loss
-    torch.testing.assert_close(compiled, ref, rtol=1e-5, atol=1e-5)  # same kernels; fp32 reordering only

@@ -237,6 +237,51 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_tensor_seed_wrapper_equals_int_seed_op(backend):
+    """fastllm::attention_fwd_seeded (the compiled path's op: the seed is a 0-d tensor) is the int-seed op."""
+    q, k, v, dout = _inputs(2, 4, 2, 9, 13, 8, torch.float32)
+    mask = _padding_mask(2, 13)
+    seed, p = 2**40 + 12345, 0.3  # both 32-bit halves of the seed matter
+    want = _run(lambda *a: attention(*a, causal=True, key_padding_mask=mask, dropout_p=p, generator_seed=seed,
+                                     backend=backend), q, k, v, dout)
+    seeded = torch.ops.fastllm.attention_fwd_seeded
+    args = (mask, None, None, 9, 13, True, p, 8**-0.5, torch.tensor(seed), backend)
+    got = _run(lambda *a: seeded(*a, *args)[0], q, k, v, dout)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    bh, rows, cols = torch.arange(8).view(8, 1, 1), torch.arange(9)[:, None], torch.arange(13)[None, :]
+    assert torch.equal(reference.dropout_keep(torch.tensor(seed), bh, rows, cols, p),
+                       reference.dropout_keep(seed, bh, rows, cols, p))
+    torch.library.opcheck(seeded.default, (q.requires_grad_(), k, v, mask, None, None, 9, 13, True, p, 0.3,
+                                           torch.tensor(7), backend))
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    """A drawn dropout seed stays in the graph (no .item() graph break): torch.manual_seed reproduces it, each
+    call draws a new one, and the backward regenerates the forward's mask."""
+    q, k, v, dout = _inputs(2, 4, 2, 17, 17, 16, torch.float32)
+    mask = _padding_mask(2, 17)
+    mask[0, :3] = True
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, key_padding_mask=mask, dropout_p=0.3)
+
+    compiled = torch.compile(f, fullgraph=True)
+    runs = []
+    for s in (5, 5, 6):
+        torch.manual_seed(s)
+        runs.append(_run(compiled, q, k, v, dout))
+    assert all(torch.equal(x, y) for x, y in zip(runs[0], runs[1]))  # reproducible under torch.manual_seed
+    assert not torch.equal(runs[0][0], runs[2][0])  # another seed, another mask
+    assert not torch.allclose(runs[0][0], attention(q, k, v, causal=True, key_padding_mask=mask))  # dropped
+    # out = P_drop v is linear in v, so <out, dout> = <v, dv> exactly when the backward uses the forward's
+    # mask (another seed's mask gives -53.8 against -41.1 here); fp32 sums of 2 * 4 * 17 * 16 terms of size
+    # ~1: 1e-4 relative.
+    out, _, _, dv = runs[0]
+    torch.testing.assert_close((dv * v).sum(), (out.detach() * dout).sum(), rtol=1e-4, atol=1e-4)
+
+
 def test_saved_tensors_are_linear_in_t():
     """Only the inputs, out and the (B, H, T) lse are kept for the backward: nothing of size Tq * Tk."""
     q, k, v, _ = _inputs(1, 2, 2, 256, 256, 8, torch.float32)
