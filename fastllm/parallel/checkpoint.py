@@ -34,10 +34,6 @@ def _barrier(mesh) -> None:
         dist.barrier()
 
 
-def _tp_meta(engine) -> dict[str, tuple[int, torch.Tensor]]:
-    return engine.tp_meta
-
-
 def shard_tensors(engine) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """This rank's shard file content (collective over dp: every dp rank must call it)."""
     params = engine.dp.named_full_params()

@@ -444,6 +444,17 @@ class _Engine:
                 with torch.no_grad():
                     q.copy_(entry["master"].reshape(q.shape))
 
+    def named_full_params(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def load_full_params(self, params: dict) -> None:
+        _copy_into_model(self.model, params)
+        self._refresh_masters()
+
+    def _refresh_masters(self) -> None:
+        """Re-derives the fp32 masters from freshly loaded parameters (subclasses add their segment masters)."""
+        self._refresh_per_param_masters()
+
     def _refresh_per_param_masters(self) -> None:
         with torch.no_grad():
             for _, p in self._per_param():
@@ -515,13 +526,6 @@ class DDPEngine(_Engine):
             self._attach(seg)
         for _, p in self._tied:
             p.grad = None
-
-    def named_full_params(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
-    def load_full_params(self, params: dict) -> None:
-        _copy_into_model(self.model, params)
-        self._refresh_per_param_masters()
 
     def optimizer_state(self) -> dict:
         out: dict = {}
@@ -628,13 +632,6 @@ class ShardedEngine(_Engine):
             p.grad = None
 
     # -------------------------------------------------------------- checkpoint access
-    def named_full_params(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
-    def load_full_params(self, params: dict) -> None:
-        _copy_into_model(self.model, params)
-        self._refresh_masters()
-
     def _refresh_masters(self) -> None:
         with torch.no_grad():
             for seg in self.segments:

@@ -1,4 +1,4 @@
-"""AdamW with the usual parameter groups.
+"""AdamW parameter groups (the parallel engine's optimizer and the tests use the same rule).
 
 Invariants: parameters with fewer than 2 dimensions (biases, LayerNorm weights and biases) get no weight decay;
 every trainable parameter is in exactly one group; group order is deterministic (module order).
@@ -14,9 +14,3 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW from an OptimSection (fp32 master weights: the parameters themselves stay fp32)."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, foreach=False)

@@ -284,20 +284,24 @@ def _reference(name):
     return _step_results(model, batch, field, vocab, lambda t, p: t, lambda x, v: x)
 
 
+def _assert_matches(got: dict, ref: dict, rank: int) -> None:
+    """Parameter names and shapes, loss, every canonical gradient and eval logits equal one process's."""
+    assert got["shapes"] == ref["shapes"], "parameter names or canonical shapes differ"
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"rank {rank}"
+    for n, g in ref["grads"].items():
+        assert (got["grads"][n] is None) == (g is None), n
+        if g is not None:
+            _close(got["grads"][n], g, f"rank {rank} grad {n}")
+    if ref["logits"] is not None:
+        assert got["logits"].shape == ref["logits"].shape
+        _close(got["logits"], ref["logits"], f"rank {rank} logits")
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_loss_grads_and_logits_match_single_process(tp2, name):
     ref = _reference(name)
     for rank, res in enumerate(tp2):
-        got = res[name]
-        assert got["shapes"] == ref["shapes"], "parameter names or canonical shapes differ"
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"rank {rank}"
-        for n, g in ref["grads"].items():
-            assert (got["grads"][n] is None) == (g is None), n
-            if g is not None:
-                _close(got["grads"][n], g, f"rank {rank} grad {n}")
-        if ref["logits"] is not None:
-            assert got["logits"].shape == ref["logits"].shape
-            _close(got["logits"], ref["logits"], f"rank {rank} logits")
+        _assert_matches(res[name], ref, rank)
 
 
 def test_vocab_padding_and_padding_idx(tp2):
@@ -365,15 +369,9 @@ def test_tp1_is_a_no_op_and_twice_is_an_error():
 def test_sequence_parallel_matches_single_process(tp2, name):
     """Loss, canonical gradients (partial ones summed over tp) and eval logits equal one process."""
     ref = _reference(name)
+    assert ref["logits"] is not None
     for rank, res in enumerate(tp2):
-        got = res["sp"][name]
-        assert got["shapes"] == ref["shapes"], "parameter names or canonical shapes differ"
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"rank {rank}"
-        for n, g in ref["grads"].items():
-            assert (got["grads"][n] is None) == (g is None), n
-            if g is not None:
-                _close(got["grads"][n], g, f"rank {rank} grad {n}")
-        _close(got["logits"], ref["logits"], f"rank {rank} logits")
+        _assert_matches(res["sp"][name], ref, rank)
 
 
 @pytest.mark.parametrize("name", SP_CASES)
