@@ -4,8 +4,11 @@ GPT and a tiny BERT (MLM + NSP, padding) under DDP, ZeRO-1/2/3, TP (with and wit
 (vocabulary 1001: not divisible by tp).
 
 Tolerance: fp32 everywhere; layouts only change summation order (micro-batch splits, dp all-reduce, tp partial
-matmuls), about 1e-7 relative per op. Over 10 AdamW steps (normalized updates of lr 3e-3) that stays below
-1e-5 relative; atol 1e-6 covers parameters near zero, where relative error is meaningless.
+matmuls), about 1e-7 relative per op, so losses and grad norms agree to rtol 1e-5. Parameters get rtol 1e-5 and
+atol 1e-5: AdamW's normalized update m / (sqrt(v) + eps) turns the relative error of a gradient element that is
+near zero by cancellation into an O(1) change of its update, so such an element can drift by a small fraction of
+lr = 3e-3 (1.8e-6 seen on an AVX-512 machine, whose GEMMs sum in another order). A real layout bug moves
+parameters by ~lr per step (and shows in the losses), far above 1e-5 = lr / 300.
 """
 import pytest
 import torch
@@ -13,7 +16,7 @@ import torch
 from tests.parallel.harness import run_distributed
 from tests.parallel.workloads import Run, merge, run_layout, worker_errors, worker_many
 
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-5, 1e-5
 
 TWO = [Run(f, dp=2, zero=z) for f in ("gpt", "bert") for z in (0, 1, 2, 3)] + \
       [Run(f, tp=2, sp=sp) for f in ("gpt", "bert") for sp in (False, True)] + \
