@@ -2,11 +2,12 @@
 //
 // dtypes: float32 and bfloat16/float16 (converted to fp32 copies first: every GEMM, softmax and gradient sum is
 //   fp32; extra memory stays linear in T). Layouts, masks and the dropout hash: see attention.h.
-// Forward: tasks (sequence b, head h, block of kBM query rows), dynamically scheduled over at::parallel_for's
-//   threads (parallel_tasks). Per k-block of kBN keys:
-//   S = scale * Q K^T (small cpublas GEMM, L1/L2-resident tiles), causal (bottom-right, offset lk - lq) and
-//   key-padding masks to -inf, online softmax (running max m, sum l, at::vec exp), dropout scaling of P from
-//   the counter hash, acc += P V. Out = acc / l; lse = m + log l is saved (fp32, (B, H, Tq) / (H, total_q)).
+// Forward: tasks (sequence b, head h, block of query rows), dynamically scheduled over at::parallel_for's
+//   threads (parallel_tasks); block sizes from fwd_blocks. Per k-block of keys:
+//   S = scale * Q K^T (BLAS GEMM, L2-resident tiles), causal (bottom-right, offset lk - lq) and key-padding
+//   masks to -inf (the padding mask as an added 0 / -inf bias row), online softmax (running max m, sum l,
+//   at::vec exp), dropout scaling of P from the counter hash, acc += P V. Out = acc / l; lse = m + log l is
+//   saved (fp32, (B, H, Tq) / (H, total_q)).
 //   A row with no allowed key gets out = 0 and lse = +inf (so the backward recomputes P = 0, never NaN).
 // Backward: tasks (b, kv head), dynamically scheduled; the task owns dK/dV of its kv head and dQ of the query heads
 //   that share it (GQA), so there are no atomics. Per k-block (outer) and q-block of kBMB rows (inner): recompute
@@ -25,6 +26,8 @@
 #endif
 
 #include <atomic>
+#include <tuple>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -34,7 +37,7 @@ namespace fastllm {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBM = 64, kBN = 128;  // query rows per block, keys per block
+constexpr int64_t kBM = 64, kBN = 128;  // smallest forward block; keys per block in the backward
 constexpr int64_t kBMB = 128;           // query rows per block in the backward (fewer, larger GEMMs)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -89,7 +92,9 @@ void parallel_tasks(int64_t n, const Init& init, const Body& body) {
 struct Params {
   AttnDims d;
   const float *q, *k, *v, *o, *dout;
-  const bool* mask;  // (B, Tk) or null
+  const bool* mask;    // (B, Tk) or null
+  const float* kbias;  // the same mask as 0 / -inf, (B, Tk), or null
+  int64_t fbm, fbn;    // forward block: query rows per task, keys per tile
   const int32_t *cu_q, *cu_k;
   float *out, *lse, *dq, *dk, *dv;
   bool causal;
@@ -100,17 +105,16 @@ struct Params {
 
 // Per-tile context: which rows/keys, and the causal offset of this sequence.
 struct Tile {
-  int64_t i0, bm, j0, bn, off;
+  int64_t i0, bm, j0, bn, off, ld;  // ld: row stride of the tile's score buffers
 };
 
-// Sets disallowed scores of an (bm x bn) tile (row stride kBN) to -inf.
-void mask_tile(const Params& p, const Tile& t, const bool* kmask, float* s) {
+// Sets disallowed scores of an (bm x bn) tile (row stride t.ld) to -inf. kbias: the sequence's key-padding
+// mask as 0 / -inf (added, vectorized), or null.
+void mask_tile(const Params& p, const Tile& t, const float* kbias, float* s) {
   const bool need_causal = p.causal && t.j0 + t.bn - 1 > t.i0 + t.off;
   for (int64_t r = 0; r < t.bm; ++r) {
-    float* row = s + r * kBN;
-    if (kmask) {
-      for (int64_t c = 0; c < t.bn; ++c) row[c] = kmask[t.j0 + c] ? row[c] : kNegInf;
-    }
+    float* row = s + r * t.ld;
+    if (kbias) at::vec::map2([](Vec a, Vec b) { return a + b; }, row, row, kbias + t.j0, t.bn);
     if (need_causal) {
       const int64_t first_bad = std::max<int64_t>(0, t.i0 + r + t.off + 1 - t.j0);
       for (int64_t c = first_bad; c < t.bn; ++c) row[c] = kNegInf;
@@ -137,12 +141,12 @@ inline __m256i fmix32_v(__m256i h) {
 }
 #endif
 
-// m[c] = keep ? 1/(1-p) : 0 for the (bm x bn) tile of head key hk (row stride kBN). Bit-identical to
+// m[c] = keep ? 1/(1-p) : 0 for the (bm x bn) tile of head key hk (row stride t.ld). Bit-identical to
 // elem_hash in attention.h; with AVX2, eight columns at a time (col * kHashCol advanced by 8 * kHashCol).
 void dropout_tile(const Params& p, const Tile& t, uint32_t hk, float* m) {
   for (int64_t r = 0; r < t.bm; ++r) {
     const uint32_t rk = row_key(hk, static_cast<uint32_t>(t.i0 + r));
-    float* row = m + r * kBN;
+    float* row = m + r * t.ld;
     int64_t c = 0;
 #ifdef __AVX2__
     // (h >> 8) < 2^24 and drop_thr <= 2^24, so the signed compare is exact.
@@ -186,14 +190,14 @@ void scale_row(float* x, float a, int64_t n) {
 
 struct FwdState {
   std::vector<float> s, m, acc, rmax, rsum;
-  explicit FwdState(int64_t d) : s(kBM * kBN), m(kBM * kBN), acc(kBM * d), rmax(kBM), rsum(kBM) {}
+  FwdState(int64_t d, int64_t bm, int64_t bn) : s(bm * bn), m(bm * bn), acc(bm * d), rmax(bm), rsum(bm) {}
 };
 
 // Online-softmax update of rows of the tile; leaves P (dropout applied) in st.s.
 void softmax_update(const Params& p, const Tile& t, FwdState& st, uint32_t hk) {
   const int64_t D = p.d.D;
   for (int64_t r = 0; r < t.bm; ++r) {
-    float* s = st.s.data() + r * kBN;
+    float* s = st.s.data() + r * t.ld;
     const float mnew = std::max(st.rmax[r], row_max(s, t.bn));
     if (mnew == kNegInf) {
       std::fill(s, s + t.bn, 0.f);
@@ -207,8 +211,8 @@ void softmax_update(const Params& p, const Tile& t, FwdState& st, uint32_t hk) {
   if (p.drop_p > 0) {
     dropout_tile(p, t, hk, st.m.data());
     for (int64_t r = 0; r < t.bm; ++r)
-      at::vec::map2([](Vec a, Vec b) { return a * b; }, st.s.data() + r * kBN, st.s.data() + r * kBN,
-                    st.m.data() + r * kBN, t.bn);
+      at::vec::map2([](Vec a, Vec b) { return a * b; }, st.s.data() + r * t.ld, st.s.data() + r * t.ld,
+                    st.m.data() + r * t.ld, t.bn);
   }
 }
 
@@ -230,28 +234,45 @@ void fwd_finish(const Params& p, const HeadView& hv, const Tile& t, FwdState& st
 void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) {
   const HeadView hv = head_view(p.d, p.cu_q, p.cu_k, b, h);
   if (i0 >= hv.lq) return;
-  const int64_t D = p.d.D, bm = std::min(kBM, hv.lq - i0), off = hv.lk - hv.lq;
+  const int64_t D = p.d.D, bm = std::min(p.fbm, hv.lq - i0), off = hv.lk - hv.lq, ld = p.fbn;
   const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
+  const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
   std::fill(st.acc.begin(), st.acc.end(), 0.f);
   std::fill(st.rmax.begin(), st.rmax.end(), kNegInf);
   std::fill(st.rsum.begin(), st.rsum.end(), 0.f);
   const int64_t kend = p.causal ? std::min(hv.lk, i0 + bm + off) : hv.lk;
   const float* q = p.q + hv.q + i0 * hv.q_rs;
-  for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
-    const Tile t{i0, bm, j0, std::min(kBN, kend - j0), off};
+  for (int64_t j0 = 0; j0 < kend; j0 += ld) {
+    const Tile t{i0, bm, j0, std::min(ld, kend - j0), off, ld};
     if (block_all_masked(kmask, j0, t.bn)) continue;
     const float* k = p.k + hv.k + j0 * hv.k_rs;
-    mm(false, true, bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, st.s.data(), kBN);  // S (bm, bn)
-    mask_tile(p, t, kmask, st.s.data());
+    mm(false, true, bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, st.s.data(), ld);  // S (bm, bn)
+    mask_tile(p, t, kbias, st.s.data());
     softmax_update(p, t, st, hk);
-    mm(false, false, bm, D, t.bn, 1.f, st.s.data(), kBN, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, 1.f,
+    mm(false, false, bm, D, t.bn, 1.f, st.s.data(), ld, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, 1.f,
        st.acc.data(), D);  // acc (bm, D) += P V
   }
-  fwd_finish(p, hv, Tile{i0, bm, 0, 0, off}, st);
+  fwd_finish(p, hv, Tile{i0, bm, 0, 0, off, ld}, st);
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// The key-padding mask as an additive 0 / -inf bias (B, Tk), or an undefined tensor without a mask.
+at::Tensor key_bias(const std::optional<at::Tensor>& mask) {
+  if (!mask) return {};
+  return at::zeros(mask->sizes(), mask->options().dtype(at::kFloat)).masked_fill_(mask->logical_not(), kNegInf);
+}
+
+// Forward block sizes (query rows per task, keys per tile): as large as the sequence allows up to 256 x 512
+// (fewer, larger GEMMs; each operand panel is packed once per tile, so packing costs less per FLOP). Measured
+// on 2 AVX-512 cores, (2, 12, 2048, 64) fp32: 64 x 128 took 177 ms, 256 x 512 122 ms. At B * H >= 2 there
+// are still >= 2 tasks per thread; the S and P tiles (256 x 512 fp32, 512 KiB each) stay in L2.
+std::pair<int64_t, int64_t> fwd_blocks(const AttnDims& d) {
+  const int64_t bm = d.Tq >= 256 ? 256 : d.Tq >= 128 ? 128 : kBM;
+  const int64_t bn = d.Tk >= 512 ? 512 : d.Tk >= 256 ? 256 : kBN;
+  return {bm, bn};
+}
 
 Params make_params(const AttnDims& d, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
                    const std::optional<at::Tensor>& cu_k, bool causal, double dropout_p, double scale,
@@ -278,10 +299,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   Params p = make_params(d, mask, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
-  const int64_t nqb = (d.Tq + kBM - 1) / kBM;
+  const at::Tensor kbias = key_bias(mask);
+  p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
+  std::tie(p.fbm, p.fbn) = fwd_blocks(d);
+  const int64_t nqb = (d.Tq + p.fbm - 1) / p.fbm;
   // Last (most expensive when causal) q-blocks of each head first, so the cheap ones fill the tail.
-  parallel_tasks(d.B * d.H * nqb, [&] { return FwdState(d.D); }, [&](FwdState& st, int64_t t) {
-    fwd_block(p, st, t / (d.H * nqb), (t / nqb) % d.H, (nqb - 1 - t % nqb) * kBM);
+  parallel_tasks(d.B * d.H * nqb, [&] { return FwdState(d.D, p.fbm, p.fbn); }, [&](FwdState& st, int64_t t) {
+    fwd_block(p, st, t / (d.H * nqb), (t / nqb) % d.H, (nqb - 1 - t % nqb) * p.fbm);
   });
   return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }
@@ -309,7 +333,7 @@ void compute_delta(const Params& p, const HeadView& hv, float* delta) {
 void recompute_p(const Params& p, const HeadView& hv, const Tile& t, float* s) {
   for (int64_t r = 0; r < t.bm; ++r) {
     const float lse = p.lse[hv.lse + t.i0 + r];
-    float* row = s + r * kBN;
+    float* row = s + r * t.ld;
     if (lse == std::numeric_limits<float>::infinity()) {
       std::fill(row, row + t.bn, 0.f);
       continue;
@@ -322,11 +346,12 @@ void recompute_p(const Params& p, const HeadView& hv, const Tile& t, float* s) {
 void ds_tile(const Tile& t, const float* pm, float* dp, const float* delta) {
   for (int64_t r = 0; r < t.bm; ++r) {
     const Vec dl(delta[t.i0 + r]);
-    at::vec::map2([dl](Vec pv, Vec g) { return pv * (g - dl); }, dp + r * kBN, pm + r * kBN, dp + r * kBN, t.bn);
+    const int64_t o = r * t.ld;
+    at::vec::map2([dl](Vec pv, Vec g) { return pv * (g - dl); }, dp + o, pm + o, dp + o, t.bn);
   }
 }
 
-void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, uint32_t hk, const bool* kmask,
+void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, uint32_t hk, const float* kbias,
               const float* delta) {
   const int64_t D = p.d.D;
   const float* q = p.q + hv.q + t.i0 * hv.q_rs;
@@ -334,22 +359,22 @@ void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, 
   const float* k = p.k + hv.k + t.j0 * hv.k_rs;
   const float* v = p.v + hv.k + t.j0 * hv.k_rs;
   float *s = st.s.data(), *dp = st.dp.data(), *m = st.m.data();
-  mm(false, true, t.bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, s, kBN);  // S (bm, bn)
-  mask_tile(p, t, kmask, s);
+  mm(false, true, t.bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, s, t.ld);  // S (bm, bn)
+  mask_tile(p, t, kbias, s);
   recompute_p(p, hv, t, s);
-  mm(false, true, t.bm, t.bn, D, 1.f, g, hv.q_rs, v, hv.k_rs, 0.f, dp, kBN);  // dO V^T (bm, bn)
+  mm(false, true, t.bm, t.bn, D, 1.f, g, hv.q_rs, v, hv.k_rs, 0.f, dp, t.ld);  // dO V^T (bm, bn)
   if (p.drop_p > 0) {
     dropout_tile(p, t, hk, m);
-    for (int64_t r = 0; r < t.bm; ++r) {
-      at::vec::map2([](Vec a, Vec b) { return a * b; }, dp + r * kBN, dp + r * kBN, m + r * kBN, t.bn);
-      at::vec::map2([](Vec a, Vec b) { return a * b; }, m + r * kBN, s + r * kBN, m + r * kBN, t.bn);  // Pd
+    for (int64_t o = 0; o < t.bm * t.ld; o += t.ld) {
+      at::vec::map2([](Vec a, Vec b) { return a * b; }, dp + o, dp + o, m + o, t.bn);
+      at::vec::map2([](Vec a, Vec b) { return a * b; }, m + o, s + o, m + o, t.bn);  // Pd
     }
   }
   const float* pd = p.drop_p > 0 ? m : s;
-  mm(true, false, t.bn, D, t.bm, 1.f, pd, kBN, g, hv.q_rs, 1.f, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
+  mm(true, false, t.bn, D, t.bm, 1.f, pd, t.ld, g, hv.q_rs, 1.f, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
   ds_tile(t, s, dp, delta);
-  mm(false, false, t.bm, D, t.bn, p.scale, dp, kBN, k, hv.k_rs, 1.f, p.dq + hv.q + t.i0 * hv.q_rs, hv.q_rs);
-  mm(true, false, t.bn, D, t.bm, p.scale, dp, kBN, q, hv.q_rs, 1.f, st.dkj.data(), D);  // dK += dS^T Q
+  mm(false, false, t.bm, D, t.bn, p.scale, dp, t.ld, k, hv.k_rs, 1.f, p.dq + hv.q + t.i0 * hv.q_rs, hv.q_rs);
+  mm(true, false, t.bn, D, t.bm, p.scale, dp, t.ld, q, hv.q_rs, 1.f, st.dkj.data(), D);  // dK += dS^T Q
 }
 
 // All q-blocks of query head h against k-block [j0, j0 + bn).
@@ -357,10 +382,10 @@ void bwd_head_kblock(const Params& p, const HeadView& hv, BwdState& st, int64_t 
                      int64_t bn, const float* delta) {
   const int64_t off = hv.lk - hv.lq;
   const int64_t first = p.causal ? std::max<int64_t>(0, j0 - off) : 0;  // rows before it see none of the block
-  const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
+  const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
   for (int64_t i0 = (first / kBMB) * kBMB; i0 < hv.lq; i0 += kBMB) {
-    bwd_tile(p, hv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off}, st, hk, kmask, delta);
+    bwd_tile(p, hv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off, kBN}, st, hk, kbias, delta);
   }
 }
 
@@ -406,6 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
+  const at::Tensor kbias = key_bias(mask);
+  p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   parallel_tasks(d.B * d.Hkv, [&] { return BwdState(d.D, (d.H / d.Hkv) * d.Tq); },
                  [&](BwdState& st, int64_t t) { bwd_task(p, st, t / d.Hkv, t % d.Hkv); });
   return {cast_back(dq, q), cast_back(dk, k), cast_back(dv, v)};

@@ -87,6 +87,12 @@ def test_cpu_matches_float64_reference(tq, tk, causal):
     check_attention("cpu", 2, 3, 1 if tq % 2 else 3, tq, tk, 24, torch.float32, causal, masked=tk > 1, p=0.0)
 
 
+@pytest.mark.parametrize("tq, tk, causal, p", [(700, 1100, True, 0.0), (1100, 700, False, 0.1), (600, 600, True, 0.2)])
+def test_cpu_large_tiles_match_float64_reference(tq, tk, causal, p):
+    """Sequences past 512 keys / 256 query rows take the forward's largest tiles (256 x 512), with tails."""
+    check_attention("cpu", 2, 2, 1, tq, tk, 16, torch.float32, causal, masked=True, p=p)
+
+
 @pytest.mark.parametrize("d, hkv, p", [(5, 2, 0.0), (64, 1, 0.25), (33, 4, 0.1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_head_dims_gqa_dropout_dtypes(dtype, d, hkv, p):
@@ -126,7 +132,7 @@ def _pad(x, lens, tmax):
 @pytest.mark.parametrize("backend", ["reference"] + _cpu_backends())
 @pytest.mark.parametrize("causal, p", [(False, 0.0), (True, 0.0), (True, 0.2)])
 def test_varlen_equals_padded(backend, causal, p):
-    lens = [5, 1, 37, 20] if backend != "triton" else [5, 1, 19]
+    lens = [5, 1, 37, 20, 600] if backend != "triton" else [5, 1, 19]  # 600: the forward's 256 x 512 tiles
     q, k, v, cu = _packed(lens, 4, 2, 16)
     tmax = max(lens)
     kw = dict(causal=causal, dropout_p=p, generator_seed=77, backend=backend)
