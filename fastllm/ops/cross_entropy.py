@@ -88,6 +88,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, smoothing, chunk)
     ctx.reduction, ctx.has_bias = reduction, bias is not None
     ctx.precomputed = compute_grad and reduction != 0
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero-filled (V, H) per call
     if ctx.precomputed:  # the forward's gradients: backward only scales them
         ctx.save_for_backward(*output[1:])
     else:
@@ -115,6 +116,8 @@ def _is_one(dloss: torch.Tensor) -> bool:
 
 def _make_lce_backward(bwd_op):
     def backward(ctx, dloss, *_):
+        if dloss is None:  # the loss itself is unused: every gradient is zero
+            return (None,) * 9
         if ctx.precomputed:
             gh, gw, gb = ctx.saved_tensors
             if not _is_one(dloss):  # a plain loss.backward() passes 1: skip a (V, H) multiply and its copy
