@@ -110,12 +110,10 @@ inline LceTensors gather_inputs(const at::Tensor& hidden, const at::Tensor& labe
   return t;
 }
 
-// zero_w = false leaves grad_W uninitialized: the caller's first chunk overwrites it (a beta = 0 GEMM), which
-// saves a (V, H) fill; with no rows at all the caller must zero it.
-inline void alloc_grads(LceTensors& t, const at::Tensor& w, bool has_bias, bool zero_w = true) {
+inline void alloc_grads(LceTensors& t, const at::Tensor& w, bool has_bias) {
   auto f32 = w.options().dtype(at::kFloat);
-  t.gh = at::empty_like(t.h);  // (M, H)
-  t.gw = zero_w ? at::zeros({w.size(0), w.size(1)}, f32) : at::empty({w.size(0), w.size(1)}, f32);  // (V, H)
+  t.gh = at::empty_like(t.h);                   // (M, H)
+  t.gw = at::zeros({w.size(0), w.size(1)}, f32);  // (V, H)
   if (has_bias) t.gb = at::zeros({w.size(0)}, f32);  // (V,)
 }
 

@@ -210,12 +210,13 @@ void ce_chunk(at::Tensor& lg, const ChunkArgs& a) {
   });
 }
 
-// grad_W += G^T h_c (first chunk: grad_W = G^T h_c, so grad_W needs no zero fill) and grad_b += column sums
-// of G, in fp32.
-void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensors& t, bool first) {
-  const at::Tensor gt = g.scalar_type() == at::kFloat ? g.t() : g.t().to(at::kFloat);  // (V, C)
-  const at::Tensor h = hc.scalar_type() == at::kFloat ? hc : hc.to(at::kFloat);  // no mixed-dtype GEMM on CPU
-  first ? at::mm_out(t.gw, gt, h) : t.gw.addmm_(gt, h);  // (V, H) (+)= (V, C) @ (C, H)
+// grad_W += G^T h_c and grad_b += column sums of G, in fp32.
+void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensors& t) {
+  if (g.scalar_type() == at::kFloat) {
+    t.gw.addmm_(g.t(), hc);  // (V, H) += (V, C) @ (C, H)
+  } else {
+    t.gw.addmm_(g.t().to(at::kFloat), hc.to(at::kFloat));  // no mixed-dtype GEMM on CPU: fp32 operands
+  }
   if (t.gb.defined()) t.gb.add_(g.sum(0, false, at::kFloat));  // (V,)
 }
 
@@ -223,10 +224,7 @@ void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensor
 void lce_chunks(LceTensors& t, const at::Tensor& w, const std::optional<at::Tensor>& bias, ChunkArgs a,
                 int64_t chunk, float* loss) {
   const int64_t m = t.h.size(0), v = w.size(0);
-  if (m == 0) {
-    if (a.want_grad) t.gw.zero_();  // (V, H): allocated without a fill, no chunk to write it
-    return;
-  }
+  if (m == 0) return;
   auto buf = at::empty({std::min(chunk, m), v}, t.h.options());  // (C, V), reused by every chunk
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t c = std::min(chunk, m - r0);
@@ -238,7 +236,7 @@ void lce_chunks(LceTensors& t, const at::Tensor& w, const std::optional<at::Tens
     if (!a.want_grad) continue;
     auto ghc = t.gh.narrow(0, r0, c);
     at::mm_out(ghc, lg, w);  // (c, H) = (c, V) @ (V, H)
-    accumulate_param_grads(lg, hc, t, r0 == 0);
+    accumulate_param_grads(lg, hc, t);
   }
 }
 
@@ -261,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   LceTensors t = gather_inputs(hidden, labels, idx);
   const int64_t m = t.h.size(0);
   const bool want = compute_grad && reduction != kCeNone;
-  if (want) alloc_grads(t, weight, bias.has_value(), /*zero_w=*/false);
+  if (want) alloc_grads(t, weight, bias.has_value());
   auto loss_sel = at::empty({m}, hidden.options().dtype(at::kFloat));  // (M,)
   const float scale0 = reduction == kCeMean && m > 0 ? 1.f / m : 1.f;
   ChunkArgs a{t.labels.data_ptr<int64_t>(), nullptr, scale0, static_cast<float>(label_smoothing), want, nullptr};
@@ -283,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
   const auto idx = kept_rows(labels, ignore_index);
   LceTensors t = gather_inputs(hidden, labels, idx);
   t.scale = gather(grad_loss, idx).contiguous();  // (M,)
-  alloc_grads(t, weight, bias.has_value(), /*zero_w=*/false);
+  alloc_grads(t, weight, bias.has_value());
   auto loss_sel = at::empty({t.h.size(0)}, hidden.options().dtype(at::kFloat));  // (M,), recomputed, unused
   ChunkArgs a{t.labels.data_ptr<int64_t>(), t.scale.data_ptr<float>(), 1.f, static_cast<float>(label_smoothing),
               true, nullptr};
