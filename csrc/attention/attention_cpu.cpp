@@ -26,9 +26,9 @@
 #endif
 
 #include <atomic>
+#include <limits>
 #include <tuple>
 #include <utility>
-#include <limits>
 #include <vector>
 
 #include "attention.h"
@@ -37,7 +37,7 @@ namespace fastllm {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBM = 64, kBN = 128;  // smallest forward block; keys per block in the backward
+constexpr int64_t kBM = 64, kBN = 128;  // smallest forward block (rows, keys); kBN: keys per backward block
 constexpr int64_t kBMB = 128;           // query rows per block in the backward (fewer, larger GEMMs)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -92,8 +92,7 @@ void parallel_tasks(int64_t n, const Init& init, const Body& body) {
 struct Params {
   AttnDims d;
   const float *q, *k, *v, *o, *dout;
-  const bool* mask;    // (B, Tk) or null
-  const float* kbias;  // the same mask as 0 / -inf, (B, Tk), or null
+  const float* kbias;  // key-padding mask as 0 / -inf, (B, Tk), or null
   int64_t fbm, fbn;    // forward block: query rows per task, keys per tile
   const int32_t *cu_q, *cu_k;
   float *out, *lse, *dq, *dk, *dv;
@@ -123,10 +122,10 @@ void mask_tile(const Params& p, const Tile& t, const float* kbias, float* s) {
 }
 
 // True when every key of [j0, j0 + bn) is padding.
-bool block_all_masked(const bool* kmask, int64_t j0, int64_t bn) {
-  if (!kmask) return false;
+bool block_all_masked(const float* kbias, int64_t j0, int64_t bn) {
+  if (!kbias) return false;
   for (int64_t c = 0; c < bn; ++c)
-    if (kmask[j0 + c]) return false;
+    if (kbias[j0 + c] == 0.f) return false;
   return true;
 }
 
@@ -235,7 +234,6 @@ void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) 
   const HeadView hv = head_view(p.d, p.cu_q, p.cu_k, b, h);
   if (i0 >= hv.lq) return;
   const int64_t D = p.d.D, bm = std::min(p.fbm, hv.lq - i0), off = hv.lk - hv.lq, ld = p.fbn;
-  const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
   std::fill(st.acc.begin(), st.acc.end(), 0.f);
@@ -245,7 +243,7 @@ void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) 
   const float* q = p.q + hv.q + i0 * hv.q_rs;
   for (int64_t j0 = 0; j0 < kend; j0 += ld) {
     const Tile t{i0, bm, j0, std::min(ld, kend - j0), off, ld};
-    if (block_all_masked(kmask, j0, t.bn)) continue;
+    if (block_all_masked(kbias, j0, t.bn)) continue;
     const float* k = p.k + hv.k + j0 * hv.k_rs;
     mm(false, true, bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, st.s.data(), ld);  // S (bm, bn)
     mask_tile(p, t, kbias, st.s.data());
@@ -266,20 +264,18 @@ at::Tensor key_bias(const std::optional<at::Tensor>& mask) {
 
 // Forward block sizes (query rows per task, keys per tile): as large as the sequence allows up to 256 x 512
 // (fewer, larger GEMMs; each operand panel is packed once per tile, so packing costs less per FLOP). Measured
-// on 2 AVX-512 cores, (2, 12, 2048, 64) fp32: 64 x 128 took 177 ms, 256 x 512 122 ms. At B * H >= 2 there
-// are still >= 2 tasks per thread; the S and P tiles (256 x 512 fp32, 512 KiB each) stay in L2.
+// on 2 AVX-512 cores, (2, 12, 2048, 64) fp32: 64 x 128 took 177 ms, 256 x 512 122 ms. There are
+// B * H * ceil(Tq / bm) tasks; the S and P tiles (256 x 512 fp32, 512 KiB each) stay in L2.
 std::pair<int64_t, int64_t> fwd_blocks(const AttnDims& d) {
   const int64_t bm = d.Tq >= 256 ? 256 : d.Tq >= 128 ? 128 : kBM;
   const int64_t bn = d.Tk >= 512 ? 512 : d.Tk >= 256 ? 256 : kBN;
   return {bm, bn};
 }
 
-Params make_params(const AttnDims& d, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
-                   const std::optional<at::Tensor>& cu_k, bool causal, double dropout_p, double scale,
-                   int64_t seed) {
+Params make_params(const AttnDims& d, const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+                   bool causal, double dropout_p, double scale, int64_t seed) {
   Params p{};
   p.d = d;
-  p.mask = mask ? mask->data_ptr<bool>() : nullptr;
   p.cu_q = cu_q ? cu_q->data_ptr<int32_t>() : nullptr;
   p.cu_k = cu_k ? cu_k->data_ptr<int32_t>() : nullptr;
   p.causal = causal, p.scale = static_cast<float>(scale), p.drop_p = static_cast<float>(dropout_p);
@@ -296,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor lse = d.varlen ? at::empty({d.H, d.total_q}, out.options()) : at::empty({d.B, d.H, d.Tq}, out.options());
-  Params p = make_params(d, mask, cu_q, cu_k, causal, dropout_p, scale, seed);
+  Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   const at::Tensor kbias = key_bias(mask);
@@ -396,14 +392,14 @@ void store_rows(const float* src, float* dst, int64_t rows, int64_t d, int64_t r
 void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
   const int64_t G = p.d.H / p.d.Hkv, D = p.d.D, h0 = hkv * G;
   const HeadView kv = head_view(p.d, p.cu_q, p.cu_k, b, h0);
-  const bool* kmask = p.mask ? p.mask + b * p.d.Tk : nullptr;
+  const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   for (int64_t g = 0; g < G; ++g)
     compute_delta(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st.delta.data() + g * p.d.Tq);
   for (int64_t j0 = 0; j0 < kv.lk; j0 += kBN) {
     const int64_t bn = std::min(kBN, kv.lk - j0);
     std::fill(st.dkj.begin(), st.dkj.end(), 0.f);
     std::fill(st.dvj.begin(), st.dvj.end(), 0.f);
-    if (!block_all_masked(kmask, j0, bn)) {
+    if (!block_all_masked(kbias, j0, bn)) {
       for (int64_t g = 0; g < G; ++g)
         bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st, b, h0 + g, j0, bn,
                         st.delta.data() + g * p.d.Tq);
@@ -427,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), gf = as_f32(dout);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::empty(k.sizes(), f32), dv = at::empty(v.sizes(), f32);
-  Params p = make_params(d, mask, cu_q, cu_k, causal, dropout_p, scale, seed);
+  Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
