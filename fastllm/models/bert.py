@@ -7,6 +7,10 @@ Invariants:
 - BertForPreTraining / BertForMaskedLM with labels: the MLM head (dense + act + LayerNorm) runs only on rows
   whose label != -100, then fastllm.ops.linear_cross_entropy with the tied word-embedding weight + decoder bias;
   prediction_logits / logits are None in training mode unless return_logits=True (eval mode computes them).
+  In training mode the last encoder layer itself runs only on the rows the loss reads (query_rows: the masked
+  positions and [CLS], ~16% of a batch): keys and values still cover every position, so loss and gradients
+  equal the full computation's (NVIDIA's MLPerf BERT does the same). It needs a plain last layer (not
+  tensor-parallel) and is skipped when hidden states, attentions or logits are returned.
   Under torch.compile the head runs on every row instead (static shapes: one graph, no recompile per count of
   masked tokens); linear_cross_entropy skips the ignored rows, so loss and gradients are the same.
 - Sequence classification follows HF's problem_type: regression (MSE) when num_labels == 1, single-label CE for
@@ -63,20 +67,26 @@ class BertModel(nn.Module):
         self.apply(lambda m: init_weights(m, c.initializer_range))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                query_rows: torch.Tensor | None = None) -> BaseModelOutput:
+        """query_rows (B, R): the last layer computes only these positions; last_hidden_state is then
+        (B, R, H) and the pooler reads slot 0, so query_rows[:, 0] must be position 0 when it is used."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        if query_rows is not None and output_hidden_states:
+            raise ValueError("BertModel: query_rows and output_hidden_states exclude each other")
         mask = _padding_mask(attention_mask, input_ids)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        hidden, attns = [x], []
-        for layer in self.layers:
-            x = layer(x, key_padding_mask=mask, output_attentions=output_attentions)
+        hidden, attns, last = [x], [], len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            rows = query_rows if i == last else None
+            x = layer(x, key_padding_mask=mask, output_attentions=output_attentions, query_rows=rows)
             attns.append(x.attentions)
             x = x.hidden  # (B, T, H)
             hidden.append(x)
         pooled = self.pooler(x) if self.pooler is not None else None  # (B, H)
         return BaseModelOutput(x, pooled, tuple(hidden) if output_hidden_states else None,
-                               tuple(attns) if output_attentions else None)
+                               tuple(attns) if output_attentions else None, query_rows=query_rows)
 
 
 class _BertWithHead(nn.Module):
@@ -91,6 +101,28 @@ class _BertWithHead(nn.Module):
 
     def encode(self, input_ids, attention_mask, token_type_ids, position_ids, kw) -> BaseModelOutput:
         return self.bert(input_ids, attention_mask, token_type_ids, position_ids, **kw)
+
+    def loss_rows(self, labels: torch.Tensor, kw: dict) -> torch.Tensor | None:
+        """(B, R) positions a masked-LM loss reads (labelled ones and [CLS] first, ascending), or None when the
+        last layer must run on every position (see the module docstring)."""
+        layers = self.bert.layers
+        if torch.compiler.is_compiling() or kw.get("output_hidden_states") or kw.get("output_attentions"):
+            return None
+        if not len(layers) or not layers[-1].accepts_query_rows() or labels.dim() != 2:
+            return None
+        need = labels != -100  # (B, T)
+        need[:, 0] = True  # [CLS] feeds the pooler
+        count = int(need.sum(dim=1).max())
+        return torch.argsort(need.logical_not().byte(), dim=1, stable=True)[:, :count]  # (B, R)
+
+    def _encode_for_loss(self, input_ids, attention_mask, token_type_ids, position_ids, labels, want, kw):
+        """encode(), on the loss rows only when only the loss is wanted: (output, labels of its rows)."""
+        rows = None if want or labels is None else self.loss_rows(labels, kw)
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                          kw if rows is None else {**kw, "query_rows": rows})
+        if out.query_rows is not None:
+            labels = labels.gather(1, out.query_rows)  # (B, R)
+        return out, labels
 
     def _init_head(self) -> None:
         for m in self.children():
@@ -139,10 +171,11 @@ class BertForPreTraining(_BertWithHead):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, *, return_logits: bool = False, **kw) -> PreTrainingOutput:
-        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, kw)
-        seq, pooled = out.last_hidden_state, out.pooler_output  # (B, T, H), (B, H)
-        nsp_logits = self.nsp(pooled)  # (B, 2)
         want = labels is None or return_logits or not self.training
+        out, labels = self._encode_for_loss(input_ids, attention_mask, token_type_ids, position_ids, labels,
+                                            want, kw)
+        seq, pooled = out.last_hidden_state, out.pooler_output  # (B, T or R, H), (B, H)
+        nsp_logits = self.nsp(pooled)  # (B, 2)
         logits = self.mlm.logits(seq) if want else None  # (B, T, V)
         mlm_loss = self.mlm.masked_loss(seq, labels) if labels is not None else None
         nsp_loss = self.nsp_loss(nsp_logits, next_sentence_label) if next_sentence_label is not None else None
@@ -161,9 +194,10 @@ class BertForMaskedLM(_BertWithHead):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,
                 return_logits: bool = False, **kw) -> ModelOutput:
-        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, kw)
-        seq = out.last_hidden_state  # (B, T, H)
         want = labels is None or return_logits or not self.training
+        out, labels = self._encode_for_loss(input_ids, attention_mask, token_type_ids, position_ids, labels,
+                                            want, kw)
+        seq = out.last_hidden_state  # (B, T or R, H)
         logits = self.mlm.logits(seq) if want else None  # (B, T, V)
         loss = self.mlm.masked_loss(seq, labels) if labels is not None else None
         return ModelOutput(loss, logits, out.hidden_states, out.attentions)

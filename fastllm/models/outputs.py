@@ -28,6 +28,7 @@ class BaseModelOutput(_Output):
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     past_key_values: tuple | None = None
+    query_rows: T = None  # fastllm only: (B, R) positions of last_hidden_state (B, R, H); None = all T
 
 
 @dataclass

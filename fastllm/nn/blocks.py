@@ -8,6 +8,8 @@ Invariants:
   each add is fused into the next LayerNorm: y, h = LN1(delta, residual); h += drop(attn(y)) happens inside
   LN2 the same way. The block returns (hidden = the last drop(mlp) delta, residual = h); the model's final
   LayerNorm takes both. residual None means "the stream is `hidden`" (the first block).
+- query_rows (B, R) (non-causal self-attention blocks whose attention accepts_query_rows): the block computes
+  its output only at those positions, (B, R, H); keys and values still see every position of x.
 - Dropout modules act only in training mode; block parameter names: attn, cross, mlp, norm1/norm2/norm3.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from fastllm.nn._kernels import apply_norm, make_layer_norm
-from fastllm.nn.mha import MultiHeadAttention
+from fastllm.nn.mha import MultiHeadAttention, gather_rows
 from fastllm.nn.mlp import MLP
 
 
@@ -65,7 +67,11 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(spec.dropout)
 
     def forward(self, x, residual=None, *, key_padding_mask=None, causal=False, memory=None,
-                memory_mask=None, past=None, use_cache=False, positions=None, output_attentions=False):
+                memory_mask=None, past=None, use_cache=False, positions=None, output_attentions=False,
+                query_rows=None):
+        if query_rows is not None and not self.accepts_query_rows():
+            raise ValueError("TransformerBlock: query_rows needs a block without cross-attention whose "
+                             "self-attention has a plain nn.Linear qkv and no rotary embedding")
         past_self, past_cross = past if past is not None else (None, None)
         kw = {"use_cache": use_cache, "output_attentions": output_attentions}
         if self.pre:
@@ -73,7 +79,10 @@ class TransformerBlock(nn.Module):
         else:
             y, h = x, None
         a, p_self, probs = self.attn(y, key_padding_mask=key_padding_mask, causal=causal, past_key_value=past_self,
-                                     positions=positions, **kw)
+                                     positions=positions, query_rows=query_rows, **kw)
+        if query_rows is not None:  # from here on the block works on the queried rows only
+            y = gather_rows(y, query_rows)  # (B, R, H)
+            h = None if h is None else gather_rows(h, query_rows)  # (B, R, H)
         after_attn = self.norm3 if self.cross is not None else self.norm2
         y, h = self._add_norm(a, y, h, post=self.norm1, pre_next=after_attn)
         p_cross = None
@@ -87,6 +96,10 @@ class TransformerBlock(nn.Module):
         else:
             y = m
         return BlockOutput(y, h, (p_self, p_cross) if use_cache else None, probs)
+
+    def accepts_query_rows(self) -> bool:
+        """Whether forward(query_rows=...) is supported (see the module docstring)."""
+        return self.cross is None and self.attn.accepts_query_rows()
 
     def _add_norm(self, delta, y, h, *, post, pre_next):
         """Adds drop(delta) to the stream and normalizes: returns (input of the next sublayer, stream)."""

@@ -10,6 +10,9 @@ Invariants:
   (old and new positions concatenated) when use_cache, else None. For cross-attention the pair is the
   projected memory, computed once and reused.
 - Attention dropout is applied only in training mode, inside the fused op (no (T, T) mask is stored).
+- query_rows (B, R) long (self-attention with a plain nn.Linear qkv only): queries, and so the output, only
+  for those positions of x; keys and values still come from every position. The output is (B, R, H). Used by
+  BERT's last layer in pre-training, whose loss reads only the masked positions and [CLS].
 - output_attentions=True computes the probabilities with materialized scores (fastllm.ops.reference math,
   no dropout) and returns them (B, heads, Tq, Tk); it is for analysis, never the training path.
 - The backend is chosen at build time (KernelChoice), never inside forward().
@@ -19,11 +22,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastllm.nn._kernels import KernelChoice
 from fastllm.ops import reference
 from fastllm.ops.attention import attention
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H) at positions rows (B, R) -> (B, R, H)."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, R, H)
 
 
 class MultiHeadAttention(KernelChoice):
@@ -53,8 +62,23 @@ class MultiHeadAttention(KernelChoice):
         b, t, _ = x.shape
         return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
-    def _project(self, x, memory, past):
+    def accepts_query_rows(self) -> bool:
+        """Whether forward(query_rows=...) can project only the queried rows (a plain, unsharded qkv)."""
+        return not self.cross and self.rotary is None and type(self.qkv) is nn.Linear
+
+    def _project_rows(self, x, rows):
+        """q on the positions rows (B, R) of x only; k and v on all positions (slices of the fused qkv)."""
+        hq, kvd = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias  # (hq + 2 kvd, H), (hq + 2 kvd,)
+        q = F.linear(gather_rows(x, rows), w[:hq], None if b is None else b[:hq])  # (B, R, hq)
+        kv = F.linear(x, w[hq:], None if b is None else b[hq:])  # (B, T, 2 kvd)
+        k, v = kv.split([kvd, kvd], dim=-1)  # (B, T, kvd) each
+        return self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+
+    def _project(self, x, memory, past, rows=None):
         kvd = self.kv_heads * self.head_dim
+        if rows is not None:
+            return self._project_rows(x, rows)
         if not self.cross:
             q, k, v = self.qkv(x).split([self.heads * self.head_dim, kvd, kvd], dim=-1)  # (B, T, *)
             return self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
@@ -73,11 +97,16 @@ class MultiHeadAttention(KernelChoice):
 
     def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None, key_padding_mask=None,
                 causal: bool = False, past_key_value=None, use_cache: bool = False, positions=None,
-                output_attentions: bool = False):
-        """x (B, Tq, H) -> (out (B, Tq, H), present (k, v) or None, probabilities or None)."""
+                output_attentions: bool = False, query_rows: torch.Tensor | None = None):
+        """x (B, Tq, H) -> (out (B, Tq, H), present (k, v) or None, probabilities or None).
+
+        With query_rows (B, R): out is (B, R, H), the rows of x at those positions."""
         if self.cross and memory is None and past_key_value is None:
             raise ValueError("MultiHeadAttention(cross=True) needs `memory` or a cached past_key_value")
-        q, k, v = self._project(x, memory, past_key_value)
+        if query_rows is not None and (causal or past_key_value is not None or not self.accepts_query_rows()):
+            raise ValueError("MultiHeadAttention: query_rows needs non-causal self-attention with a plain "
+                             "nn.Linear qkv, no rotary embedding and no KV cache")
+        q, k, v = self._project(x, memory, past_key_value, query_rows)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         k, v = self._with_past(k, v, past_key_value)
@@ -85,7 +114,7 @@ class MultiHeadAttention(KernelChoice):
         p = self.dropout_p if self.training else 0.0
         o = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p, scale=self.scale,
                       backend=self.backend["attention"])  # (B, H, Tq, D)
-        o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, Tq, H*D)
+        o = o.transpose(1, 2).flatten(2)  # (B, Tq, H*D)
         return self.out(o), ((k, v) if use_cache else None), probs
 
     def _probs(self, q, k, causal, key_padding_mask) -> torch.Tensor:

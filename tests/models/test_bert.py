@@ -91,6 +91,48 @@ def test_masked_only_mlm_loss_equals_full_logits_loss():
     torch.testing.assert_close(out.loss, full + nsp, rtol=1e-5, atol=1e-5)
 
 
+def _loss_and_grads(model, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kw)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cls", [BertForPreTraining, BertForMaskedLM])
+def test_last_layer_on_loss_rows_only_equals_full_layer(cls):
+    """Training with labels runs the last layer on the labelled rows and [CLS] only (query_rows); the loss and
+    every gradient equal the full computation's (return_logits=True forces the full last layer)."""
+    cfg = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_hidden_layers=3)
+    torch.manual_seed(0)
+    model = cls(cfg).train()
+    batch = mlm_batch(cfg, b=4, t=17)  # includes a padded row: keys stay masked for the queried rows
+    batch["labels"][0, 0] = 7  # a labelled [CLS] row is selected once, not twice
+    if cls is BertForMaskedLM:
+        batch.pop("next_sentence_label"), batch.pop("token_type_ids")
+    rows = model.loss_rows(batch["labels"], {})
+    need = (batch["labels"] != -100).sum(1) + (batch["labels"][:, 0] == -100)  # labelled rows + [CLS]
+    assert rows.shape == (4, int(need.max())) and bool((rows[:, 0] == 0).all())
+    assert model.bert(batch["input_ids"], batch["attention_mask"], query_rows=rows).last_hidden_state.shape[1] \
+        == rows.shape[1] < 17
+    sparse_loss, sparse = _loss_and_grads(model, batch)
+    full_loss, full = _loss_and_grads(model, batch, return_logits=True)
+    assert sparse.keys() == full.keys()
+    # fp32: the same sums over different GEMM row counts (MKL blocks them differently); 1e-5 covers that.
+    torch.testing.assert_close(sparse_loss, full_loss, rtol=1e-5, atol=1e-6)
+    for name in full:
+        torch.testing.assert_close(sparse[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_query_rows_are_refused_where_they_do_not_apply():
+    cfg = tiny_bert()
+    model = BertModel(cfg)
+    ids, rows = torch.randint(1, cfg.vocab_size, (2, 9)), torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(ids, query_rows=rows, output_hidden_states=True)
+    with pytest.raises(ValueError, match="non-causal"):
+        model.layers[0].attn(torch.randn(2, 9, cfg.hidden_size), causal=True, query_rows=rows)
+
+
 def _run(cls, cfg, batch, seed=5):
     torch.manual_seed(seed)
     model = cls(cfg).train()  # dropout on: both backends draw the same seeds and use the same hash mask
