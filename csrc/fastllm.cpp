@@ -54,4 +54,9 @@ TORCH_LIBRARY(fastllm, m) {
   // Returns (grad_hidden, grad_weight, grad_bias); grad_bias is empty when bias is None.
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels,"
         " int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // Dropout of a contiguous x (float32/float64/bfloat16/float16): y = keep ? x / (1 - p) : 0, the keep mask
+  // a counter hash of (seed, flat index) (csrc/dropout/dropout.h). seed is a 0-d int64 CPU tensor, read on the
+  // host, so a seed drawn inside a torch.compile graph needs no graph break. The backward is the same op on the
+  // gradient with the same p and seed.
+  m.def("dropout_fwd(Tensor x, float p, Tensor seed) -> Tensor");
 }

@@ -24,14 +24,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastllm.ops.reference import HASH_BH, HASH_COL, HASH_ROW, dropout_threshold
 
-
-@triton.jit
-def _fmix32(h):
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    return h ^ (h >> 16)
+from .dropout import fmix32 as _fmix32  # the counter hash, shared with the dropout op
 
 
 @triton.jit

@@ -4,41 +4,17 @@
 //          varlen q (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q) fp32, sequence b holds rows
 //          cu_seqlens[b] .. cu_seqlens[b+1] (int32). Hkv divides H; query head h reads kv head h / (H / Hkv).
 // Dropout: keep element (b*H + h, query row i, key col j) of a sequence when (hash >> 8) >= threshold, the
-//   hash being the same murmur3-fmix chain as fastllm.ops.reference.dropout_keep (every backend agrees).
+//   hash being the same murmur3-fmix chain as fastllm.ops.reference.dropout_keep (every backend agrees):
+//   head_key / row_key / elem_hash of ../dropout/dropout.h, shared with the standalone dropout op.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <optional>
 
 #include "../checks.h"
-
-#if defined(__CUDACC__)
-#define FASTLLM_HD __host__ __device__ __forceinline__
-#else
-#define FASTLLM_HD inline
-#endif
+#include "../dropout/dropout.h"
 
 namespace fastllm {
-
-constexpr uint32_t kHashBH = 0x9E3779B1u, kHashRow = 0x85EBCA77u, kHashCol = 0xC2B2AE3Du;
-
-FASTLLM_HD uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  return h ^ (h >> 16);
-}
-
-// Per (seed, b*H + h) key; then per row; then per element.
-FASTLLM_HD uint32_t head_key(uint64_t seed, uint32_t bh) {
-  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(seed >> 32);
-  return fmix32(lo ^ fmix32(hi ^ (bh * kHashBH)));
-}
-FASTLLM_HD uint32_t row_key(uint32_t hk, uint32_t row) { return fmix32(hk ^ (row * kHashRow)); }
-FASTLLM_HD uint32_t elem_hash(uint32_t rk, uint32_t col) { return fmix32(rk ^ (col * kHashCol)); }
-
-inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(std::floor(p * 16777216.0 + 0.5)); }
 
 // Dimensions of one call; Tq/Tk are the max sequence lengths for varlen.
 struct AttnDims {

@@ -30,7 +30,7 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 # op name -> the dispatcher op whose kernel registration proves the cpu/cuda backend exists.
 NATIVE_OPS = {"layer_norm": "fastllm::layer_norm_fwd", "attention": "fastllm::attention_fwd",
               "attention_varlen": "fastllm::attention_fwd", "cross_entropy": "fastllm::cross_entropy_fwd",
-              "linear_cross_entropy": "fastllm::linear_cross_entropy_fwd"}
+              "linear_cross_entropy": "fastllm::linear_cross_entropy_fwd", "dropout": "fastllm::dropout_fwd"}
 
 log = logging.getLogger("fastllm")
 

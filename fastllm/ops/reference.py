@@ -65,6 +65,44 @@ def dropout_keep(seed: int | torch.Tensor, bh: torch.Tensor, rows: torch.Tensor,
     return (h >> 8) >= dropout_threshold(p)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Standalone dropout. The mask of element n (flat row-major index into the contiguous x) is
+#   key = fmix32(seed_lo ^ fmix32(seed_hi ^ HASH_DROPOUT))         seed taken mod 2^64, split in 32-bit halves
+#   r   = fmix32(key ^ (n_hi * HASH_ROW) mod 2^32)                   n_hi = n >> 32 (0 below 2^32 elements)
+#   h   = fmix32(r ^ (n_lo * HASH_COL) mod 2^32)                     n_lo = n mod 2^32
+#   keep = (h >> 8) >= dropout_threshold(p)
+# (attention's row/element chain with a per-seed key), and y = keep ? x * scale : +0 with scale = 1 / (1 - p)
+# computed in float64 and rounded once to the compute dtype: float64 for float64 inputs, float32 for
+# float32/bfloat16/float16 inputs (the product is rounded to the input dtype). The C++, CUDA and Triton
+# kernels compute exactly this, so every backend gives the same bits for the same seed.
+# ---------------------------------------------------------------------------------------------------------------
+HASH_DROPOUT = 0x27D4EB2F
+
+
+def dropout_mask(seed: int | torch.Tensor, numel: int, p: float, device=None) -> torch.Tensor:
+    """Boolean keep mask (numel,) of the standalone dropout op; `seed` is an int or a 0-d int64 tensor."""
+    lo, hi = torch.as_tensor(seed & _M32), torch.as_tensor((seed >> 32) & _M32)
+    key = _fmix32(lo ^ _fmix32(hi ^ HASH_DROPOUT)).to(device)  # () per seed
+    n = torch.arange(numel, dtype=torch.int64, device=device)  # (numel,)
+    r = _fmix32(key ^ _mul32(n >> 32, HASH_ROW))  # (numel,), one value per 2^32 elements
+    h = _fmix32(r ^ _mul32(n & _M32, HASH_COL))  # (numel,)
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def dropout_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype dropout multiplies in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """keep ? x / (1 - p) : 0 elementwise, the mask from dropout_mask over the row-major flat index of x."""
+    keep = dropout_mask(seed, x.numel(), p, x.device).view(x.shape)  # (*x.shape) bool
+    ct = dropout_compute_dtype(x.dtype)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=ct, device=x.device)  # () rounded once to the compute dtype
+    y = torch.where(keep, x.to(ct) * scale, torch.zeros((), dtype=ct, device=x.device))  # (*x.shape)
+    return y.to(x.dtype)
+
+
 def _masked_softmax(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim of s where `allowed`; a row with nothing allowed is all zeros (not NaN)."""
     s = s.masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
