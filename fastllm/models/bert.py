@@ -26,6 +26,7 @@ from torch import nn
 from fastllm.models.config import BertConfig
 from fastllm.models.outputs import BaseModelOutput, ModelOutput, PreTrainingOutput, QuestionAnsweringOutput
 from fastllm.nn.blocks import BlockSpec, TransformerBlock
+from fastllm.nn.dropout import Dropout
 from fastllm.nn.embeddings import Embeddings
 from fastllm.nn.heads import ClassLoss, Pooler, PredictionTransform, VocabLoss, masked_rows
 
@@ -217,7 +218,7 @@ class BertForSequenceClassification(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p, config.kernels)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.ce = ClassLoss(config.kernels)
         self._init_head()
@@ -245,7 +246,7 @@ class BertForTokenClassification(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p, config.kernels)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.ce = ClassLoss(config.kernels)
         self._init_head()
@@ -284,7 +285,7 @@ class BertForMultipleChoice(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p, config.kernels)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.ce = ClassLoss(config.kernels)
         self._init_head()

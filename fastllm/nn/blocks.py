@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastllm.nn._kernels import apply_norm, make_layer_norm
+from fastllm.nn.dropout import Dropout
 from fastllm.nn.mha import MultiHeadAttention, gather_rows
 from fastllm.nn.mlp import MLP
 
@@ -64,7 +65,7 @@ class TransformerBlock(nn.Module):
             self.norm3 = make_layer_norm(spec.hidden_size, spec.eps, spec.kernels)
         self.mlp = MLP(spec.hidden_size, spec.intermediate_size, spec.activation, spec.bias)
         self.norm2 = make_layer_norm(spec.hidden_size, spec.eps, spec.kernels)
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout, spec.kernels)
 
     def forward(self, x, residual=None, *, key_padding_mask=None, causal=False, memory=None,
                 memory_mask=None, past=None, use_cache=False, positions=None, output_attentions=False,

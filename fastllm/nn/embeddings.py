@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastllm.nn._kernels import apply_norm, make_layer_norm
+from fastllm.nn.dropout import Dropout
 
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "none")
 
@@ -78,7 +79,7 @@ class Embeddings(nn.Module):
             self.register_buffer("sinusoid", sinusoidal_table(max_positions, hidden_size), persistent=False)
         self.token_type = nn.Embedding(type_vocab_size, hidden_size) if type_vocab_size > 0 else None
         self.norm = make_layer_norm(hidden_size, eps, kernels) if layer_norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, kernels)
 
     def check(self, input_ids, token_type_ids=None, position_ids=None, past_length: int = 0) -> None:
         """Errors naming the argument for out-of-range ids or a sequence longer than max_positions."""

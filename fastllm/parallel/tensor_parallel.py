@@ -38,7 +38,7 @@ Invariants:
   rank's positions, so their gradients are partial: they carry p.sequence_parallel = True and
   sync_sequence_parallel_grads sums them over tp (ParallelEngine.finish_grads, before clipping); afterwards they
   are replicated like any other unsharded parameter. SP dropout (SequenceParallelDropout) draws the full-sequence
-  mask from the shared RNG stream and keeps its chunk: the same masks as without SP, at tp x the RNG work.
+  counter-hash mask, its seed from the shared RNG stream, and keeps its chunk: the same masks as without SP.
   Parameter names do not change. Model outputs' hidden_states inside the stack are T/tp shards.
 """
 from __future__ import annotations
@@ -53,11 +53,13 @@ from torch import nn
 from fastllm.models.bert import BertModel, _MLMHead
 from fastllm.models.gpt import GPT
 from fastllm.nn.blocks import TransformerBlock
+from fastllm.nn.dropout import Dropout
 from fastllm.nn.embeddings import Embeddings
 from fastllm.nn.heads import VocabLoss
 from fastllm.nn.mha import MultiHeadAttention
 from fastllm.nn.mlp import MLP
 from fastllm.ops.cross_entropy import auto_chunk_size
+from fastllm.ops.dropout import dropout
 from fastllm.parallel.mesh import Mesh, all_reduce
 
 
@@ -387,19 +389,21 @@ def reduce_scatter_seq(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return x if mesh.size("tp") == 1 else _ReduceScatterSeq.apply(x, mesh)
 
 
-class SequenceParallelDropout(nn.Dropout):
-    """Dropout of a (B, T/tp, ...) shard with this rank's chunk of the full-sequence mask drawn from the RNG
-    stream every tp rank shares: the masks (and the RNG state after the call) equal the non-SP layout's."""
+class SequenceParallelDropout(Dropout):
+    """Dropout of a (B, T/tp, ...) shard with this rank's chunk of the full-sequence mask: the counter-hash mask
+    of fastllm.ops.dropout over the full (B, T, ...) tensor, its seed drawn from the RNG stream every tp rank
+    shares, so the masks (and the RNG state after the call) equal the non-SP layout's."""
 
-    def __init__(self, p: float, mesh: Mesh):
-        super().__init__(p)
+    def __init__(self, p: float, mesh: Mesh, kernels: str = "auto"):
+        super().__init__(p, kernels)
         self.mesh = mesh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         full = (x.shape[0], x.shape[1] * self.mesh.size("tp"), *x.shape[2:])  # (B, T, ...)
-        mask = F.dropout(torch.ones(full, dtype=x.dtype, device=x.device), self.p, True)  # 0 or 1 / (1 - p)
+        ones = torch.ones(full, dtype=x.dtype, device=x.device)
+        mask = dropout(ones, self.p, backend=self.backend["dropout"])  # 0 or 1 / (1 - p)
         return x * seq_slice(mask, self.mesh).contiguous()  # (B, T/tp, ...)
 
 
@@ -448,11 +452,11 @@ def _apply_sequence_parallel(model: nn.Module, mesh: Mesh) -> None:
                     table.register_forward_pre_hook(slice_ids)
                     _flag_sequence_parallel(table)
             _flag_sequence_parallel(m.norm)
-            m.dropout = SequenceParallelDropout(m.dropout.p, mesh)
+            m.dropout = SequenceParallelDropout(m.dropout.p, mesh, m.dropout.kernels)
         elif isinstance(m, TransformerBlock):
             for norm in (m.norm1, m.norm2, getattr(m, "norm3", None)):
                 _flag_sequence_parallel(norm)
-            m.drop = SequenceParallelDropout(m.drop.p, mesh)
+            m.drop = SequenceParallelDropout(m.drop.p, mesh, m.drop.kernels)
     point, is_norm = _gather_point(model)
     _flag_sequence_parallel(point if is_norm else None)
 
