@@ -7,7 +7,9 @@ Invariants:
 - FLOPs are analytic: 2 x (Linear weight elements) per token for every Linear a token passes through, plus
   attention 4 x T_keys x H per token per attention layer (q k^T and p v; causal layers average (T + 1) / 2
   keys). The BERT MLM head in training runs on the masked fraction only (--mask-fraction, default 0.15) and is
-  counted that way; inference counts it on every token (full prediction logits). Embedding lookups, LayerNorm,
+  counted that way; inference counts it on every token (full prediction logits). In training BERT's last layer
+  also runs on the loss rows only (the masked tokens and [CLS]: a fraction mask_fraction + 1/T of the tokens),
+  except for its key and value projections, which see every token; that is counted too. Embedding lookups, LayerNorm,
   softmax and activations (O(H) per token) are left out and said so.
 - Memory: fp32 weights + grads + Adam moments (4 + 4 + 8 bytes per parameter) and activations estimated by
   Korthikanti et al. 2022 (34 T B H bytes per layer at 16 bits; x2 for fp32) without the 5 a T^2 B term, which
@@ -50,6 +52,17 @@ def _attention_flops(hidden: int, keys: float) -> float:
     return 4.0 * keys * hidden  # q k^T and p v, per query token
 
 
+def _last_layer_saving(model: _BertWithHead, seq: int, mask_fraction: float) -> float:
+    """FLOPs per token that training skips by running the last layer on the loss rows only (BERT's query_rows)."""
+    layers = model.bert.layers
+    if not hasattr(model, "mlm") or not len(layers) or not layers[-1].accepts_query_rows():
+        return 0.0
+    last, attn, hidden = layers[-1], layers[-1].attn, model.config.hidden_size
+    kv = 2.0 * hidden * (attn.qkv.out_features - attn.heads * attn.head_dim)  # k, v projections: every token
+    rows = _linear_flops(last) - kv + _attention_flops(hidden, seq)  # q, out, MLP, attention: loss rows only
+    return (1.0 - min(1.0, mask_fraction + 1.0 / seq)) * rows
+
+
 def bert_flops(model: _BertWithHead, seq: int, mask_fraction: float) -> Flops:
     c = model.config
     body = _linear_flops(model.bert.layers) + c.num_hidden_layers * _attention_flops(c.hidden_size, seq)
@@ -58,7 +71,7 @@ def bert_flops(model: _BertWithHead, seq: int, mask_fraction: float) -> Flops:
     if hasattr(model, "mlm"):
         head = _linear_flops(model.mlm.transform) + 2.0 * c.hidden_size * c.vocab_size
     fwd = body + pooler + head
-    train_fwd = body + pooler + head * mask_fraction
+    train_fwd = body - _last_layer_saving(model, seq, mask_fraction) + pooler + head * mask_fraction
     return Flops(fwd, 3.0 * train_fwd)
 
 

@@ -17,12 +17,14 @@ def test_parameter_table_and_gpt_flops():
     assert f.forward == c.n_layer * per_layer + 2 * 32 * c.vocab_size and f.train == 3 * f.forward
 
 
-def test_mlm_head_is_counted_on_masked_tokens_only():
+def test_mlm_head_and_last_layer_are_counted_on_loss_rows_only():
     model = BertForPreTraining(tiny_bert())
     head = 2 * 32 * 32 + 2 * 32 * 101  # transform dense + decoder, per token
+    rows = 2 * 32 * 32 + 2 * 32 * 32 + 2 * (2 * 32 * 48) + 4 * 16 * 32  # last layer: q, out, MLP, attention
     full, masked = analyze.bert_flops(model, 16, 1.0), analyze.bert_flops(model, 16, 0.15)
     assert full.forward == masked.forward  # inference computes every token's logits
-    assert abs((full.train - masked.train) - 3 * 0.85 * head) < 1e-6 * full.train
+    skipped = 0.85 * head + (1 - (0.15 + 1 / 16)) * rows  # masked tokens + [CLS] keep their rows
+    assert abs((full.train - masked.train) - 3 * skipped) < 1e-6 * full.train
 
 
 def test_cli_report_writes_attention_png(tmp_path, capsys):
