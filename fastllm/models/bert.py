@@ -118,6 +118,8 @@ class _BertWithHead(nn.Module):
 
     def _encode_for_loss(self, input_ids, attention_mask, token_type_ids, position_ids, labels, want, kw):
         """encode(), on the loss rows only when only the loss is wanted: (output, labels of its rows)."""
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected input_ids' {tuple(input_ids.shape)}")
         rows = None if want or labels is None else self.loss_rows(labels, kw)
         out = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
                           kw if rows is None else {**kw, "query_rows": rows})

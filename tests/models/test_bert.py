@@ -207,6 +207,9 @@ def test_bad_inputs_name_the_problem():
         model(torch.tensor([[1, 2]]), token_type_ids=torch.tensor([[0, 2]]))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
+    pretraining = BertForPreTraining(cfg).train()
+    with pytest.raises(ValueError, match=r"labels has shape \(1, 3\), expected input_ids' \(1, 2\)"):
+        pretraining(torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]]))
 
 
 def test_config_validation_names_the_field():
