@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, print_table, setup  # noqa: E402
+from common import copy_row, median_time, print_table, setup  # noqa: E402
 
 from fastllm.ops import backends, layer_norm  # noqa: E402
 
@@ -63,20 +63,11 @@ def _time_one(fn, x, w, b, r, backward: bool, device: str, repeats: int) -> floa
     return median_time(step, device, repeats=repeats)
 
 
-def _copy_row(m: int, n: int, dtype, device: str, repeats: int) -> list[str]:
-    """Device-to-device copy of the same tensor: the bandwidth ceiling the kernels are compared with."""
-    x = torch.randn(m, n, device=device, dtype=dtype)
-    out = torch.empty_like(x)
-    sec = median_time(lambda: out.copy_(x), device, repeats=repeats)
-    return [f"({m}, {n})", "copy (bandwidth ceiling)", "fwd", f"{sec * 1e3:.3f}",
-            f"{2 * x.numel() * x.element_size() / sec / 1e9:.1f}", "-"]
-
-
 def run(args) -> None:
     dtype = getattr(torch, args.dtype)
     rows = []
     for (m, n) in SHAPES:
-        rows.append(_copy_row(m, n, dtype, args.device, args.repeats))
+        rows.append(copy_row(m, n, dtype, args.device, args.repeats))
         for residual in (False, True):
             for backward in (False, True):
                 g = torch.Generator().manual_seed(0)

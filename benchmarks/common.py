@@ -46,3 +46,12 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def copy_row(m: int, n: int, dtype, device: str, repeats: int) -> list[str]:
+    """A table row for a device-to-device copy of an (m, n) tensor: the bandwidth ceiling of elementwise kernels."""
+    x = torch.randn(m, n, device=device, dtype=dtype)
+    out = torch.empty_like(x)
+    sec = median_time(lambda: out.copy_(x), device, repeats=repeats)
+    return [f"({m}, {n})", "copy (bandwidth ceiling)", "fwd", f"{sec * 1e3:.3f}",
+            f"{2 * x.numel() * x.element_size() / sec / 1e9:.1f}", "-"]

@@ -35,22 +35,19 @@ FASTLLM_HD uint32_t fmix32(uint32_t h) {
   return h ^ (h >> 16);
 }
 
-// Attention: per (seed, b*H + h) key; then per query row; then per element (key col).
-FASTLLM_HD uint32_t head_key(uint64_t seed, uint32_t bh) {
+// The key every mask starts from: fmix32(seed_lo ^ fmix32(seed_hi ^ salt)).
+FASTLLM_HD uint32_t seed_key(uint64_t seed, uint32_t salt) {
   const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(seed >> 32);
-  return fmix32(lo ^ fmix32(hi ^ (bh * kHashBH)));
+  return fmix32(lo ^ fmix32(hi ^ salt));
 }
+
+// Attention: per (seed, b*H + h) key; then per query row; then per element (key col).
+FASTLLM_HD uint32_t head_key(uint64_t seed, uint32_t bh) { return seed_key(seed, bh * kHashBH); }
 FASTLLM_HD uint32_t row_key(uint32_t hk, uint32_t row) { return fmix32(hk ^ (row * kHashRow)); }
 FASTLLM_HD uint32_t elem_hash(uint32_t rk, uint32_t col) { return fmix32(rk ^ (col * kHashCol)); }
 
 // The standalone op: one key per seed; element n hashes (n >> 32) as the "row" and n mod 2^32 as the "col".
-FASTLLM_HD uint32_t dropout_key(uint64_t seed) {
-  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(seed >> 32);
-  return fmix32(lo ^ fmix32(hi ^ kHashDropout));
-}
-FASTLLM_HD uint32_t dropout_hash(uint32_t key, uint64_t n) {
-  return elem_hash(row_key(key, static_cast<uint32_t>(n >> 32)), static_cast<uint32_t>(n));
-}
+FASTLLM_HD uint32_t dropout_key(uint64_t seed) { return seed_key(seed, kHashDropout); }
 
 inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(std::floor(p * 16777216.0 + 0.5)); }
 

@@ -58,10 +58,20 @@ def dropout_keep(seed: int | torch.Tensor, bh: torch.Tensor, rows: torch.Tensor,
     """Boolean keep mask, broadcast over bh (..., 1, 1), rows (..., R, 1) and cols (..., 1, C).
 
     `seed` is an int, or a 0-d int64 tensor (drawn inside a torch.compile graph)."""
+    a = _seed_key(seed, _mul32(bh.long(), HASH_BH))  # per (seed, b*H + h)
+    return _keep(a, rows.long(), cols.long(), p)
+
+
+def _seed_key(seed: int | torch.Tensor, salt) -> torch.Tensor:
+    """fmix32(seed_lo ^ fmix32(seed_hi ^ salt)): the key every mask starts from (seed taken mod 2^64)."""
     lo, hi = torch.as_tensor(seed & _M32), torch.as_tensor((seed >> 32) & _M32)
-    a = _fmix32(lo ^ _fmix32(hi ^ _mul32(bh.long(), HASH_BH)))  # per (seed, b*H + h)
-    r = _fmix32(a ^ _mul32(rows.long(), HASH_ROW))  # per query row
-    h = _fmix32(r ^ _mul32(cols.long(), HASH_COL))  # per element
+    return _fmix32(lo ^ _fmix32(hi ^ salt))
+
+
+def _keep(key: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+    """(fmix32(fmix32(key ^ row * HASH_ROW) ^ col * HASH_COL) >> 8) >= threshold(p), broadcast over the inputs."""
+    r = _fmix32(key ^ _mul32(rows, HASH_ROW))  # per row
+    h = _fmix32(r ^ _mul32(cols, HASH_COL))  # per element
     return (h >> 8) >= dropout_threshold(p)
 
 
@@ -81,12 +91,9 @@ HASH_DROPOUT = 0x27D4EB2F
 
 def dropout_mask(seed: int | torch.Tensor, numel: int, p: float, device=None) -> torch.Tensor:
     """Boolean keep mask (numel,) of the standalone dropout op; `seed` is an int or a 0-d int64 tensor."""
-    lo, hi = torch.as_tensor(seed & _M32), torch.as_tensor((seed >> 32) & _M32)
-    key = _fmix32(lo ^ _fmix32(hi ^ HASH_DROPOUT)).to(device)  # () per seed
+    key = _seed_key(seed, HASH_DROPOUT).to(device)  # () per seed
     n = torch.arange(numel, dtype=torch.int64, device=device)  # (numel,)
-    r = _fmix32(key ^ _mul32(n >> 32, HASH_ROW))  # (numel,), one value per 2^32 elements
-    h = _fmix32(r ^ _mul32(n & _M32, HASH_COL))  # (numel,)
-    return (h >> 8) >= dropout_threshold(p)
+    return _keep(key, n >> 32, n & _M32, p)  # (numel,): row n >> 32 (0 below 2^32 elements), col n mod 2^32
 
 
 def dropout_compute_dtype(dtype: torch.dtype) -> torch.dtype:
