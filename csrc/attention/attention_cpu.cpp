@@ -2,9 +2,13 @@
 //
 // dtypes: float32 and bfloat16/float16 (converted to fp32 copies first: every GEMM, softmax and gradient sum is
 //   fp32; extra memory stays linear in T). Layouts, masks and the dropout hash: see attention.h.
+// GEMMs: every product of a tile is C (+)= op(A) B with B row-contiguous; K and V are transposed once per call
+//   (transpose_kv, one K-sized buffer each) for the Q K^T and dO V^T products. AVX-512 builds run them on the
+//   register-tiled kernel of tile_gemm.h, which packs nothing; other builds call torch's BLAS sgemm.
+//   Row strides of the transposed K/V and of the score tiles are an odd number of cache lines (odd_lines).
 // Forward: tasks (sequence b, head h, block of query rows), dynamically scheduled over at::parallel_for's
 //   threads (parallel_tasks); block sizes from fwd_blocks. Per k-block of keys:
-//   S = scale * Q K^T (BLAS GEMM, L2-resident tiles), causal (bottom-right, offset lk - lq) and key-padding
+//   S = scale * Q K^T, causal (bottom-right, offset lk - lq) and key-padding
 //   masks to -inf (the padding mask as an added 0 / -inf bias row), online softmax (running max m, sum l,
 //   at::vec exp), dropout scaling of P from the counter hash, acc += P V. Out = acc / l; lse = m + log l is
 //   saved (fp32, (B, H, Tq) / (H, total_q)).
@@ -32,13 +36,24 @@
 #include <vector>
 
 #include "attention.h"
+#include "tile_gemm.h"
 
 namespace fastllm {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+
+// A row stride (floats) of at least n that is an odd number of 64-byte lines. Tiles walked down a column (the
+// K^T panels, P^T in the dV/dK products) then spread over every L1 set; with a power-of-two stride (T = 2048:
+// 8 KiB) all their rows fall into one 12-way set.
+constexpr int64_t odd_lines(int64_t n) {
+  const int64_t lines = (n + 15) / 16;
+  return 16 * (lines % 2 ? lines : lines + 1);
+}
+
 constexpr int64_t kBM = 64, kBN = 128;  // smallest forward block (rows, keys); kBN: keys per backward block
-constexpr int64_t kBMB = 128;           // query rows per block in the backward (fewer, larger GEMMs)
+constexpr int64_t kBMB = 128;           // query rows per block in the backward
+constexpr int64_t kLdB = odd_lines(kBN);  // row stride of the backward's score tiles
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The BLAS sgemm_ that libtorch_cpu exports (MKL in the x86 wheels). at::native::cpublas::gemm is not exported,
@@ -60,20 +75,26 @@ at::Tensor view(const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) 
   return t ? x.t() : x;
 }
 
-// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, via the column-major BLAS GEMM (C^T = op(B)^T op(A)^T).
-void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-        const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+// Row-major C (m x n) = alpha * op(A) B (+ C when acc), op(A) = A (m x k, row stride lda) or, with ta, A^T for an
+// A stored (k x m) with row stride lda; B (k x n) with row stride ldb. AVX-512 builds use the register-tiled
+// kernel of tile_gemm.h (no operand packing); others the column-major BLAS GEMM (C^T = B^T op(A)^T).
+void mm(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+        int64_t ldb, bool acc, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+#ifdef __AVX512F__
+  tile_gemm::gemm(m, n, k, alpha, a, ta ? 1 : lda, ta ? lda : 1, b, ldb, acc, c, ldc);
+#else
+  const float beta = acc ? 1.f : 0.f;
   if (kSgemm) {
-    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    const char tra = 'N', trb = ta ? 'T' : 'N';
     const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
     kSgemm(&tra, &trb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
     return;
   }
   at::Tensor out = view(c, m, n, ldc, false);
   const at::Tensor x = ta ? view(a, k, m, lda, true) : view(a, m, k, lda, false);
-  const at::Tensor y = tb ? view(b, n, k, ldb, true) : view(b, k, n, ldb, false);
-  out.addmm_(x, y, beta, alpha);
+  out.addmm_(x, view(b, k, n, ldb, false), beta, alpha);
+#endif
 }
 
 // Runs body(state, t) for t in [0, n) on at::parallel_for's threads, each thread taking the next task from a
@@ -89,9 +110,53 @@ void parallel_tasks(int64_t n, const Init& init, const Body& body) {
   });
 }
 
+// The (D x lk) slab of K^T / V^T for (sequence b, kv head hk): element (d, j) at off + d * rs + j, rs = ldt.
+// Padded: slab (b, hk) of a (B, Hkv, D, ldt) buffer; varlen: (Hkv, D, ldt), sequence b at column cu_k[b].
+struct TView {
+  int64_t off, rs;
+};
+
+int64_t t_stride(const AttnDims& d) { return odd_lines(d.varlen ? d.total_k : d.Tk); }
+
+TView t_view(const AttnDims& d, const int32_t* cu_k, int64_t b, int64_t hk) {
+  const int64_t ldt = t_stride(d);
+  if (!d.varlen) return {(b * d.Hkv + hk) * d.D * ldt, ldt};
+  return {hk * d.D * ldt + cu_k[b], ldt};
+}
+
+// dst (D x lk, row stride ld) = src^T for src (lk x D, row stride rs).
+void transpose_slab(const float* src, int64_t rs, int64_t lk, int64_t D, float* dst, int64_t ld) {
+#ifdef __AVX512F__
+  tile_gemm::transpose(src, rs, lk, D, dst, ld);
+#else
+  for (int64_t j0 = 0; j0 < lk; j0 += 16) {  // 16-row blocks: each source line is read once per block
+    const int64_t j1 = std::min(j0 + 16, lk);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = j0; j < j1; ++j) dst[d * ld + j] = src[j * rs + d];
+  }
+#endif
+}
+
+// x^T per (sequence, kv head) for x = k or v (fp32, laid out as the call's k), in the layout of t_view.
+at::Tensor transpose_kv(const AttnDims& d, const int32_t* cu_k, const at::Tensor& x) {
+  at::Tensor out = at::empty({(d.varlen ? 1 : d.B) * d.Hkv * d.D * t_stride(d)}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+      const HeadView hv = head_view(d, cu_k, cu_k, b, hk * (d.H / d.Hkv));  // only its k fields are read
+      const TView tv = t_view(d, cu_k, b, hk);
+      transpose_slab(src + hv.k, hv.k_rs, hv.lk, d.D, dst + tv.off, tv.rs);
+    }
+  });
+  return out;
+}
+
 struct Params {
   AttnDims d;
   const float *q, *k, *v, *o, *dout;
+  const float *kt, *vt;  // K and V transposed per (sequence, kv head): D x lk slabs, see t_view
   const float* kbias;  // key-padding mask as 0 / -inf, (B, Tk), or null
   int64_t fbm, fbn;    // forward block: query rows per task, keys per tile
   const int32_t *cu_q, *cu_k;
@@ -177,10 +242,23 @@ float row_max(const float* s, int64_t n) {
   return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
 }
 
-// s = exp(s - mx) in place; returns the row sum.
+// s = exp(s - mx) in place; returns the row sum (one pass over the row).
 float exp_row(float* s, float mx, int64_t n) {
-  at::vec::map([mx](Vec x) { return (x - Vec(mx)).exp_u20(); }, s, s, n);
-  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s, n);
+  const Vec vm(mx);
+  Vec sum(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec e = (Vec::loadu(s + c) - vm).exp_u20();
+    e.store(s + c);
+    sum = sum + e;
+  }
+  if (c < n) {
+    const int rest = static_cast<int>(n - c);
+    const Vec e = (Vec::loadu(s + c, rest) - vm).exp_u20();
+    e.store(s + c, rest);
+    sum = sum + Vec::set(Vec(0.f), e, rest);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
 }
 
 void scale_row(float* x, float a, int64_t n) {
@@ -189,7 +267,8 @@ void scale_row(float* x, float a, int64_t n) {
 
 struct FwdState {
   std::vector<float> s, m, acc, rmax, rsum;
-  FwdState(int64_t d, int64_t bm, int64_t bn) : s(bm * bn), m(bm * bn), acc(bm * d), rmax(bm), rsum(bm) {}
+  FwdState(int64_t d, int64_t bm, int64_t bn)
+      : s(bm * odd_lines(bn)), m(bm * odd_lines(bn)), acc(bm * d), rmax(bm), rsum(bm) {}
 };
 
 // Online-softmax update of rows of the tile; leaves P (dropout applied) in st.s.
@@ -233,7 +312,8 @@ void fwd_finish(const Params& p, const HeadView& hv, const Tile& t, FwdState& st
 void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) {
   const HeadView hv = head_view(p.d, p.cu_q, p.cu_k, b, h);
   if (i0 >= hv.lq) return;
-  const int64_t D = p.d.D, bm = std::min(p.fbm, hv.lq - i0), off = hv.lk - hv.lq, ld = p.fbn;
+  const TView tv = t_view(p.d, p.cu_k, b, h / (p.d.H / p.d.Hkv));
+  const int64_t D = p.d.D, bm = std::min(p.fbm, hv.lq - i0), off = hv.lk - hv.lq, ld = odd_lines(p.fbn);
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
   std::fill(st.acc.begin(), st.acc.end(), 0.f);
@@ -241,15 +321,14 @@ void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) 
   std::fill(st.rsum.begin(), st.rsum.end(), 0.f);
   const int64_t kend = p.causal ? std::min(hv.lk, i0 + bm + off) : hv.lk;
   const float* q = p.q + hv.q + i0 * hv.q_rs;
-  for (int64_t j0 = 0; j0 < kend; j0 += ld) {
-    const Tile t{i0, bm, j0, std::min(ld, kend - j0), off, ld};
+  for (int64_t j0 = 0; j0 < kend; j0 += p.fbn) {
+    const Tile t{i0, bm, j0, std::min(p.fbn, kend - j0), off, ld};
     if (block_all_masked(kbias, j0, t.bn)) continue;
-    const float* k = p.k + hv.k + j0 * hv.k_rs;
-    mm(false, true, bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, st.s.data(), ld);  // S (bm, bn)
+    mm(false, bm, t.bn, D, p.scale, q, hv.q_rs, p.kt + tv.off + j0, tv.rs, false, st.s.data(), ld);  // S (bm, bn)
     mask_tile(p, t, kbias, st.s.data());
     softmax_update(p, t, st, hk);
-    mm(false, false, bm, D, t.bn, 1.f, st.s.data(), ld, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, 1.f,
-       st.acc.data(), D);  // acc (bm, D) += P V
+    mm(false, bm, D, t.bn, 1.f, st.s.data(), ld, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, true, st.acc.data(),
+       D);  // acc (bm, D) += P V
   }
   fwd_finish(p, hv, Tile{i0, bm, 0, 0, off, ld}, st);
 }
@@ -262,9 +341,10 @@ at::Tensor key_bias(const std::optional<at::Tensor>& mask) {
   return at::zeros(mask->sizes(), mask->options().dtype(at::kFloat)).masked_fill_(mask->logical_not(), kNegInf);
 }
 
-// Forward block sizes (query rows per task, keys per tile): as large as the sequence allows up to 256 x 512
-// (fewer, larger GEMMs; each operand panel is packed once per tile, so packing costs less per FLOP). Measured
-// on 2 AVX-512 cores, (2, 12, 2048, 64) fp32: 64 x 128 took 177 ms, 256 x 512 122 ms. There are
+// Forward block sizes (query rows per task, keys per tile): as large as the sequence allows up to 256 x 512.
+// With BLAS GEMMs (which pack their operands on every call) the large tiles were decisive: 177 ms at 64 x 128
+// against 122 ms at 256 x 512 for (2, 12, 2048, 64) fp32 on 2 AVX-512 cores. With the AVX-512 tile GEMM every
+// shape from 64 x 128 to 512 x 512 runs within ~5% of the others; 256 x 512 is among the fastest. There are
 // B * H * ceil(Tq / bm) tasks; the S and P tiles (256 x 512 fp32, 512 KiB each) stay in L2.
 std::pair<int64_t, int64_t> fwd_blocks(const AttnDims& d) {
   const int64_t bm = d.Tq >= 256 ? 256 : d.Tq >= 128 ? 128 : kBM;
@@ -294,6 +374,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   at::Tensor lse = d.varlen ? at::empty({d.H, d.total_q}, out.options()) : at::empty({d.B, d.H, d.Tq}, out.options());
   Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
+  const at::Tensor kt = transpose_kv(d, p.cu_k, kf);
+  p.kt = kt.data_ptr<float>();
   p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   const at::Tensor kbias = key_bias(mask);
   p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
@@ -312,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
 struct BwdState {
   std::vector<float> s, m, dp, dkj, dvj, delta;  // delta: rowsum(dO o O) of the G query heads, (G, Tq)
   BwdState(int64_t d, int64_t rows)
-      : s(kBMB * kBN), m(kBMB * kBN), dp(kBMB * kBN), dkj(kBN * d), dvj(kBN * d), delta(rows) {}
+      : s(kBMB * kLdB), m(kBMB * kLdB), dp(kBMB * kLdB), dkj(kBN * d), dvj(kBN * d), delta(rows) {}
 };
 
 // delta[i] = rowsum(dO_i * O_i) for the rows of one head.
@@ -347,18 +429,17 @@ void ds_tile(const Tile& t, const float* pm, float* dp, const float* delta) {
   }
 }
 
-void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, uint32_t hk, const float* kbias,
-              const float* delta) {
+void bwd_tile(const Params& p, const HeadView& hv, const TView& tv, const Tile& t, BwdState& st, uint32_t hk,
+              const float* kbias, const float* delta) {
   const int64_t D = p.d.D;
   const float* q = p.q + hv.q + t.i0 * hv.q_rs;
   const float* g = p.dout + hv.q + t.i0 * hv.q_rs;
   const float* k = p.k + hv.k + t.j0 * hv.k_rs;
-  const float* v = p.v + hv.k + t.j0 * hv.k_rs;
   float *s = st.s.data(), *dp = st.dp.data(), *m = st.m.data();
-  mm(false, true, t.bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, 0.f, s, t.ld);  // S (bm, bn)
+  mm(false, t.bm, t.bn, D, p.scale, q, hv.q_rs, p.kt + tv.off + t.j0, tv.rs, false, s, t.ld);  // S (bm, bn)
   mask_tile(p, t, kbias, s);
   recompute_p(p, hv, t, s);
-  mm(false, true, t.bm, t.bn, D, 1.f, g, hv.q_rs, v, hv.k_rs, 0.f, dp, t.ld);  // dO V^T (bm, bn)
+  mm(false, t.bm, t.bn, D, 1.f, g, hv.q_rs, p.vt + tv.off + t.j0, tv.rs, false, dp, t.ld);  // dO V^T (bm, bn)
   if (p.drop_p > 0) {
     dropout_tile(p, t, hk, m);
     for (int64_t o = 0; o < t.bm * t.ld; o += t.ld) {
@@ -367,21 +448,21 @@ void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, 
     }
   }
   const float* pd = p.drop_p > 0 ? m : s;
-  mm(true, false, t.bn, D, t.bm, 1.f, pd, t.ld, g, hv.q_rs, 1.f, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
+  mm(true, t.bn, D, t.bm, 1.f, pd, t.ld, g, hv.q_rs, true, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
   ds_tile(t, s, dp, delta);
-  mm(false, false, t.bm, D, t.bn, p.scale, dp, t.ld, k, hv.k_rs, 1.f, p.dq + hv.q + t.i0 * hv.q_rs, hv.q_rs);
-  mm(true, false, t.bn, D, t.bm, p.scale, dp, t.ld, q, hv.q_rs, 1.f, st.dkj.data(), D);  // dK += dS^T Q
+  mm(false, t.bm, D, t.bn, p.scale, dp, t.ld, k, hv.k_rs, true, p.dq + hv.q + t.i0 * hv.q_rs, hv.q_rs);
+  mm(true, t.bn, D, t.bm, p.scale, dp, t.ld, q, hv.q_rs, true, st.dkj.data(), D);  // dK += dS^T Q
 }
 
 // All q-blocks of query head h against k-block [j0, j0 + bn).
-void bwd_head_kblock(const Params& p, const HeadView& hv, BwdState& st, int64_t b, int64_t h, int64_t j0,
-                     int64_t bn, const float* delta) {
+void bwd_head_kblock(const Params& p, const HeadView& hv, const TView& tv, BwdState& st, int64_t b, int64_t h,
+                     int64_t j0, int64_t bn, const float* delta) {
   const int64_t off = hv.lk - hv.lq;
   const int64_t first = p.causal ? std::max<int64_t>(0, j0 - off) : 0;  // rows before it see none of the block
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
   for (int64_t i0 = (first / kBMB) * kBMB; i0 < hv.lq; i0 += kBMB) {
-    bwd_tile(p, hv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off, kBN}, st, hk, kbias, delta);
+    bwd_tile(p, hv, tv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off, kLdB}, st, hk, kbias, delta);
   }
 }
 
@@ -392,6 +473,7 @@ void store_rows(const float* src, float* dst, int64_t rows, int64_t d, int64_t r
 void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
   const int64_t G = p.d.H / p.d.Hkv, D = p.d.D, h0 = hkv * G;
   const HeadView kv = head_view(p.d, p.cu_q, p.cu_k, b, h0);
+  const TView tv = t_view(p.d, p.cu_k, b, hkv);
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   for (int64_t g = 0; g < G; ++g)
     compute_delta(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st.delta.data() + g * p.d.Tq);
@@ -401,7 +483,7 @@ void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
     std::fill(st.dvj.begin(), st.dvj.end(), 0.f);
     if (!block_all_masked(kbias, j0, bn)) {
       for (int64_t g = 0; g < G; ++g)
-        bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st, b, h0 + g, j0, bn,
+        bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), tv, st, b, h0 + g, j0, bn,
                         st.delta.data() + g * p.d.Tq);
     }
     store_rows(st.dkj.data(), p.dk + kv.k + j0 * kv.k_rs, bn, D, kv.k_rs);
@@ -426,6 +508,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
+  const at::Tensor kt = transpose_kv(d, p.cu_k, kf), vt = transpose_kv(d, p.cu_k, vf);
+  p.kt = kt.data_ptr<float>(), p.vt = vt.data_ptr<float>();
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
   const at::Tensor kbias = key_bias(mask);
   p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;

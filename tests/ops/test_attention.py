@@ -93,7 +93,10 @@ def test_cpu_large_tiles_match_float64_reference(tq, tk, causal, p):
     check_attention("cpu", 2, 2, 1, tq, tk, 16, torch.float32, causal, masked=True, p=p)
 
 
-@pytest.mark.parametrize("d, hkv, p", [(5, 2, 0.0), (64, 1, 0.25), (33, 4, 0.1)])
+# Head dims: vector tails (5, 33), one full 64-column panel of the AVX-512 tile GEMM (64), a panel plus a masked
+# one (80), two panels (128), and 160: the Q K^T product then runs its k loop in two passes (tile_gemm.h kDepth).
+@pytest.mark.parametrize("d, hkv, p", [(5, 2, 0.0), (64, 1, 0.25), (33, 4, 0.1), (80, 1, 0.0), (128, 2, 0.1),
+                                       (160, 4, 0.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_head_dims_gqa_dropout_dtypes(dtype, d, hkv, p):
     check_attention("cpu", 3, 4, hkv, 65, 130, d, dtype, causal=True, masked=True, p=p)
