@@ -2,10 +2,10 @@
 //
 // dtypes: float32 and bfloat16/float16 (converted to fp32 copies first: every GEMM, softmax and gradient sum is
 //   fp32; extra memory stays linear in T). Layouts, masks and the dropout hash: see attention.h.
-// GEMMs: every product of a tile is C (+)= op(A) B with B row-contiguous; K and V are transposed once per call
-//   (transpose_kv, one K-sized buffer each) for the Q K^T and dO V^T products. AVX-512 builds run them on the
-//   register-tiled kernel of tile_gemm.h, which packs nothing; other builds call torch's BLAS sgemm.
-//   Row strides of the transposed K/V and of the score tiles are an odd number of cache lines (odd_lines).
+// GEMMs: Q K^T and dO V^T (depth D) call torch's BLAS sgemm (mm_bt). The products whose B operand has row-
+//   contiguous rows, P V, Pd^T dO, dS K and dS^T Q (depth: the tile's keys or rows), run on the register-tiled
+//   AVX-512 kernel of tile_gemm.h in AVX-512 builds (no operand packing; BLAS elsewhere), see mm. Score tiles have
+//   a row stride of an odd number of cache lines (odd_lines).
 // Forward: tasks (sequence b, head h, block of query rows), dynamically scheduled over at::parallel_for's
 //   threads (parallel_tasks); block sizes from fwd_blocks. Per k-block of keys:
 //   S = scale * Q K^T, causal (bottom-right, offset lk - lq) and key-padding
@@ -43,9 +43,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// A row stride (floats) of at least n that is an odd number of 64-byte lines. Tiles walked down a column (the
-// K^T panels, P^T in the dV/dK products) then spread over every L1 set; with a power-of-two stride (T = 2048:
-// 8 KiB) all their rows fall into one 12-way set.
+// A row stride (floats) of at least n that is an odd number of 64-byte lines. Score tiles walked down a column
+// (P^T and dS^T in the dV/dK products) then spread over every L1 set; with a power-of-two stride (512 keys:
+// 2 KiB) their rows fall into a few 12-way sets.
 constexpr int64_t odd_lines(int64_t n) {
   const int64_t lines = (n + 15) / 16;
   return 16 * (lines % 2 ? lines : lines + 1);
@@ -77,7 +77,9 @@ at::Tensor view(const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) 
 
 // Row-major C (m x n) = alpha * op(A) B (+ C when acc), op(A) = A (m x k, row stride lda) or, with ta, A^T for an
 // A stored (k x m) with row stride lda; B (k x n) with row stride ldb. AVX-512 builds use the register-tiled
-// kernel of tile_gemm.h (no operand packing); others the column-major BLAS GEMM (C^T = B^T op(A)^T).
+// kernel of tile_gemm.h (no operand packing); others the column-major BLAS GEMM (C^T = B^T op(A)^T). Measured on
+// 2 AVX-512 cores, fp32 fwd+bwd, the tile kernel against BLAS for these products: 1.03-1.19x at D = 24, 32, 64
+// and T = 128-2048, parity at D = 128.
 void mm(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, bool acc, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
@@ -97,6 +99,21 @@ void mm(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, i
 #endif
 }
 
+// Row-major C (m x n) = alpha * A B^T (+ C when acc) for A (m x k) and B (n x k), row strides lda / ldb: the
+// BLAS GEMM (C^T = B A^T): the Q K^T and dO V^T products.
+void mm_bt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+           bool acc, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const float beta = acc ? 1.f : 0.f;
+  if (kSgemm) {
+    const char tra = 'T', trb = 'N';
+    const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
+    kSgemm(&tra, &trb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+    return;
+  }
+  view(c, m, n, ldc, false).addmm_(view(a, m, k, lda, false), view(b, n, k, ldb, true), beta, alpha);
+}
+
 // Runs body(state, t) for t in [0, n) on at::parallel_for's threads, each thread taking the next task from a
 // shared counter (dynamic scheduling: tasks of unequal cost, e.g. causal blocks or varlen sequences, and a
 // core shared with another process, do not leave one thread idle while the other works through its static half).
@@ -110,53 +127,9 @@ void parallel_tasks(int64_t n, const Init& init, const Body& body) {
   });
 }
 
-// The (D x lk) slab of K^T / V^T for (sequence b, kv head hk): element (d, j) at off + d * rs + j, rs = ldt.
-// Padded: slab (b, hk) of a (B, Hkv, D, ldt) buffer; varlen: (Hkv, D, ldt), sequence b at column cu_k[b].
-struct TView {
-  int64_t off, rs;
-};
-
-int64_t t_stride(const AttnDims& d) { return odd_lines(d.varlen ? d.total_k : d.Tk); }
-
-TView t_view(const AttnDims& d, const int32_t* cu_k, int64_t b, int64_t hk) {
-  const int64_t ldt = t_stride(d);
-  if (!d.varlen) return {(b * d.Hkv + hk) * d.D * ldt, ldt};
-  return {hk * d.D * ldt + cu_k[b], ldt};
-}
-
-// dst (D x lk, row stride ld) = src^T for src (lk x D, row stride rs).
-void transpose_slab(const float* src, int64_t rs, int64_t lk, int64_t D, float* dst, int64_t ld) {
-#ifdef __AVX512F__
-  tile_gemm::transpose(src, rs, lk, D, dst, ld);
-#else
-  for (int64_t j0 = 0; j0 < lk; j0 += 16) {  // 16-row blocks: each source line is read once per block
-    const int64_t j1 = std::min(j0 + 16, lk);
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = j0; j < j1; ++j) dst[d * ld + j] = src[j * rs + d];
-  }
-#endif
-}
-
-// x^T per (sequence, kv head) for x = k or v (fp32, laid out as the call's k), in the layout of t_view.
-at::Tensor transpose_kv(const AttnDims& d, const int32_t* cu_k, const at::Tensor& x) {
-  at::Tensor out = at::empty({(d.varlen ? 1 : d.B) * d.Hkv * d.D * t_stride(d)}, x.options());
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t b = t / d.Hkv, hk = t % d.Hkv;
-      const HeadView hv = head_view(d, cu_k, cu_k, b, hk * (d.H / d.Hkv));  // only its k fields are read
-      const TView tv = t_view(d, cu_k, b, hk);
-      transpose_slab(src + hv.k, hv.k_rs, hv.lk, d.D, dst + tv.off, tv.rs);
-    }
-  });
-  return out;
-}
-
 struct Params {
   AttnDims d;
   const float *q, *k, *v, *o, *dout;
-  const float *kt, *vt;  // K and V transposed per (sequence, kv head): D x lk slabs, see t_view
   const float* kbias;  // key-padding mask as 0 / -inf, (B, Tk), or null
   int64_t fbm, fbn;    // forward block: query rows per task, keys per tile
   const int32_t *cu_q, *cu_k;
@@ -312,7 +285,6 @@ void fwd_finish(const Params& p, const HeadView& hv, const Tile& t, FwdState& st
 void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) {
   const HeadView hv = head_view(p.d, p.cu_q, p.cu_k, b, h);
   if (i0 >= hv.lq) return;
-  const TView tv = t_view(p.d, p.cu_k, b, h / (p.d.H / p.d.Hkv));
   const int64_t D = p.d.D, bm = std::min(p.fbm, hv.lq - i0), off = hv.lk - hv.lq, ld = odd_lines(p.fbn);
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
@@ -324,7 +296,8 @@ void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) 
   for (int64_t j0 = 0; j0 < kend; j0 += p.fbn) {
     const Tile t{i0, bm, j0, std::min(p.fbn, kend - j0), off, ld};
     if (block_all_masked(kbias, j0, t.bn)) continue;
-    mm(false, bm, t.bn, D, p.scale, q, hv.q_rs, p.kt + tv.off + j0, tv.rs, false, st.s.data(), ld);  // S (bm, bn)
+    const float* k = p.k + hv.k + j0 * hv.k_rs;
+    mm_bt(bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, false, st.s.data(), ld);  // S (bm, bn)
     mask_tile(p, t, kbias, st.s.data());
     softmax_update(p, t, st, hk);
     mm(false, bm, D, t.bn, 1.f, st.s.data(), ld, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, true, st.acc.data(),
@@ -342,10 +315,10 @@ at::Tensor key_bias(const std::optional<at::Tensor>& mask) {
 }
 
 // Forward block sizes (query rows per task, keys per tile): as large as the sequence allows up to 256 x 512.
-// With BLAS GEMMs (which pack their operands on every call) the large tiles were decisive: 177 ms at 64 x 128
-// against 122 ms at 256 x 512 for (2, 12, 2048, 64) fp32 on 2 AVX-512 cores. With the AVX-512 tile GEMM every
-// shape from 64 x 128 to 512 x 512 runs within ~5% of the others; 256 x 512 is among the fastest. There are
-// B * H * ceil(Tq / bm) tasks; the S and P tiles (256 x 512 fp32, 512 KiB each) stay in L2.
+// Fewer, larger tiles mean fewer BLAS calls for S = Q K^T, each packing its operands once per tile. Measured on
+// 2 AVX-512 cores, (2, 12, 2048, 64) fp32 forward: 132 ms at 64 x 128, 117 ms at 128 x 256, 108-111 ms at
+// 256 x 512, 512 x 512 and 256 x 1024. There are B * H * ceil(Tq / bm) tasks; the S and P tiles (256 x 512 fp32,
+// 512 KiB each) stay in L2.
 std::pair<int64_t, int64_t> fwd_blocks(const AttnDims& d) {
   const int64_t bm = d.Tq >= 256 ? 256 : d.Tq >= 128 ? 128 : kBM;
   const int64_t bn = d.Tk >= 512 ? 512 : d.Tk >= 256 ? 256 : kBN;
@@ -374,8 +347,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   at::Tensor lse = d.varlen ? at::empty({d.H, d.total_q}, out.options()) : at::empty({d.B, d.H, d.Tq}, out.options());
   Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
-  const at::Tensor kt = transpose_kv(d, p.cu_k, kf);
-  p.kt = kt.data_ptr<float>();
   p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   const at::Tensor kbias = key_bias(mask);
   p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
@@ -429,17 +400,18 @@ void ds_tile(const Tile& t, const float* pm, float* dp, const float* delta) {
   }
 }
 
-void bwd_tile(const Params& p, const HeadView& hv, const TView& tv, const Tile& t, BwdState& st, uint32_t hk,
-              const float* kbias, const float* delta) {
+void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, uint32_t hk, const float* kbias,
+              const float* delta) {
   const int64_t D = p.d.D;
   const float* q = p.q + hv.q + t.i0 * hv.q_rs;
   const float* g = p.dout + hv.q + t.i0 * hv.q_rs;
   const float* k = p.k + hv.k + t.j0 * hv.k_rs;
+  const float* v = p.v + hv.k + t.j0 * hv.k_rs;
   float *s = st.s.data(), *dp = st.dp.data(), *m = st.m.data();
-  mm(false, t.bm, t.bn, D, p.scale, q, hv.q_rs, p.kt + tv.off + t.j0, tv.rs, false, s, t.ld);  // S (bm, bn)
+  mm_bt(t.bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, false, s, t.ld);  // S (bm, bn)
   mask_tile(p, t, kbias, s);
   recompute_p(p, hv, t, s);
-  mm(false, t.bm, t.bn, D, 1.f, g, hv.q_rs, p.vt + tv.off + t.j0, tv.rs, false, dp, t.ld);  // dO V^T (bm, bn)
+  mm_bt(t.bm, t.bn, D, 1.f, g, hv.q_rs, v, hv.k_rs, false, dp, t.ld);  // dO V^T (bm, bn)
   if (p.drop_p > 0) {
     dropout_tile(p, t, hk, m);
     for (int64_t o = 0; o < t.bm * t.ld; o += t.ld) {
@@ -455,14 +427,14 @@ void bwd_tile(const Params& p, const HeadView& hv, const TView& tv, const Tile& 
 }
 
 // All q-blocks of query head h against k-block [j0, j0 + bn).
-void bwd_head_kblock(const Params& p, const HeadView& hv, const TView& tv, BwdState& st, int64_t b, int64_t h,
-                     int64_t j0, int64_t bn, const float* delta) {
+void bwd_head_kblock(const Params& p, const HeadView& hv, BwdState& st, int64_t b, int64_t h, int64_t j0,
+                     int64_t bn, const float* delta) {
   const int64_t off = hv.lk - hv.lq;
   const int64_t first = p.causal ? std::max<int64_t>(0, j0 - off) : 0;  // rows before it see none of the block
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   const uint32_t hk = head_key(p.seed, static_cast<uint32_t>(b * p.d.H + h));
   for (int64_t i0 = (first / kBMB) * kBMB; i0 < hv.lq; i0 += kBMB) {
-    bwd_tile(p, hv, tv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off, kLdB}, st, hk, kbias, delta);
+    bwd_tile(p, hv, Tile{i0, std::min(kBMB, hv.lq - i0), j0, bn, off, kLdB}, st, hk, kbias, delta);
   }
 }
 
@@ -473,7 +445,6 @@ void store_rows(const float* src, float* dst, int64_t rows, int64_t d, int64_t r
 void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
   const int64_t G = p.d.H / p.d.Hkv, D = p.d.D, h0 = hkv * G;
   const HeadView kv = head_view(p.d, p.cu_q, p.cu_k, b, h0);
-  const TView tv = t_view(p.d, p.cu_k, b, hkv);
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
   for (int64_t g = 0; g < G; ++g)
     compute_delta(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st.delta.data() + g * p.d.Tq);
@@ -483,7 +454,7 @@ void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
     std::fill(st.dvj.begin(), st.dvj.end(), 0.f);
     if (!block_all_masked(kbias, j0, bn)) {
       for (int64_t g = 0; g < G; ++g)
-        bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), tv, st, b, h0 + g, j0, bn,
+        bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st, b, h0 + g, j0, bn,
                         st.delta.data() + g * p.d.Tq);
     }
     store_rows(st.dkj.data(), p.dk + kv.k + j0 * kv.k_rs, bn, D, kv.k_rs);
@@ -508,8 +479,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
-  const at::Tensor kt = transpose_kv(d, p.cu_k, kf), vt = transpose_kv(d, p.cu_k, vf);
-  p.kt = kt.data_ptr<float>(), p.vt = vt.data_ptr<float>();
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
   const at::Tensor kbias = key_bias(mask);
   p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;

@@ -1,13 +1,11 @@
-// Register-tiled fp32 GEMM (and a blocked transpose) for the small, cache-resident tiles of the CPU attention
-// kernel (AVX-512 only).
+// Register-tiled fp32 GEMM for the small, cache-resident tiles of the CPU attention kernel (AVX-512 only).
 //
 // C (M x N) = alpha * A B            (accumulate = false)
 // C (M x N) = alpha * A B + C        (accumulate = true)
 // with A(r, k) = a[r * a_rs + k * a_cs] (row-major A: a_cs = 1; A transposed in memory: a_rs = 1), B row k at
-// b + k * b_rs holding N contiguous floats, C row r at c + r * c_rs. Nothing is packed: the attention kernel keeps
-// every B operand row-contiguous (K and V are transposed once per call for the Q K^T and dO V^T products), so the
-// packing that a BLAS call does on every one of these ~100-KFLOP products (a fifth of the backward's time with MKL)
-// is not needed.
+// b + k * b_rs holding N contiguous floats, C row r at c + r * c_rs. Nothing is packed: in the attention kernel's
+// P V, Pd^T dO, dS K and dS^T Q products B is rows of V, dO, K or Q (D contiguous floats each), so the packing that
+// a BLAS call does on every one of these ~1-MFLOP products (a fifth of the backward's time with MKL) is not needed.
 //
 // Micro-kernel: a 6 x 64 block of C in 24 zmm accumulators; per k, four loads of B, six broadcasts of A and 24
 // FMAs (FMA-bound on two FMA ports). N is covered in 64-column panels (the last vector of a panel masked), M in
@@ -80,45 +78,6 @@ inline void panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_
     case 4: return micro<4, NV>(K, ar, a_rs, a_cs, b, b_rs, cr, c_rs, alpha, acc, last);
     case 5: return micro<5, NV>(K, ar, a_rs, a_cs, b, b_rs, cr, c_rs, alpha, acc, last);
     default: return;
-  }
-}
-
-// dst (16 x 16, row stride ds) = src^T for a 16 x 16 block of src (row stride ss).
-inline void transpose16(const float* src, int64_t ss, float* dst, int64_t ds) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ds, r[i]);
-}
-
-// dst (D x lk, row stride ld) = src^T for src (lk x D, row stride rs): 16 x 16 blocks in registers, the
-// edges (lk or D not a multiple of 16) element by element.
-inline void transpose(const float* src, int64_t rs, int64_t lk, int64_t D, float* dst, int64_t ld) {
-  const int64_t lk16 = lk - lk % 16, d16 = D - D % 16;
-  for (int64_t j = 0; j < lk16; j += 16)
-    for (int64_t d = 0; d < d16; d += 16) transpose16(src + j * rs + d, rs, dst + d * ld + j, ld);
-  for (int64_t d = 0; d < D; ++d) {
-    const int64_t j_begin = d < d16 ? lk16 : 0;  // full-width rows d < d16 only lack their lk % 16 tail
-    for (int64_t j = j_begin; j < lk; ++j) dst[d * ld + j] = src[j * rs + d];
   }
 }
 

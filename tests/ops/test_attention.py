@@ -94,7 +94,8 @@ def test_cpu_large_tiles_match_float64_reference(tq, tk, causal, p):
 
 
 # Head dims: vector tails (5, 33), one full 64-column panel of the AVX-512 tile GEMM (64), a panel plus a masked
-# one (80), two panels (128), and 160: the Q K^T product then runs its k loop in two passes (tile_gemm.h kDepth).
+# one (80), two panels (128), three with a half-masked last one (160). The tile GEMM's k loop in several passes
+# (tile_gemm.h kDepth) is covered by the large tiles above (P V over 512 keys).
 @pytest.mark.parametrize("d, hkv, p", [(5, 2, 0.0), (64, 1, 0.25), (33, 4, 0.1), (80, 1, 0.0), (128, 2, 0.1),
                                        (160, 4, 0.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
