@@ -2,9 +2,9 @@
 
 Cases: (B, H, T, D) in SHAPES, causal or not, with a key padding mask (SDPA gets the equivalent boolean
 attn_mask (B, 1, 1, T)), with dropout 0.1; forward and forward+backward. Prints a markdown table: median ms,
-GFLOP/s (4 B H Tq Tk D flops forward, 2.5x that for forward+backward; halved when causal), peak memory above the
-inputs (CPU: the largest RSS growth is not tracked by torch, so the CPU column uses the profiler's allocator peak),
-and the speed ratio to SDPA in the same run (> 1 is faster). The Triton interpreter (CPU) is not timed.
+GFLOP/s (4 B H Tq Tk D flops forward, 3.5x that for forward+backward, whose backward is 2.5x the forward; halved
+when causal), peak memory above the inputs (CPU: the largest RSS growth is not tracked by torch, so the CPU
+column uses the profiler's allocator peak), and the speed ratio to SDPA in the same run (> 1 is faster). The Triton interpreter (CPU) is not timed.
 
     python benchmarks/bench_attention.py [--quick] [--device cpu|cuda] [--dtype float32] [--threads 2]
 """
