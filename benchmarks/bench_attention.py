@@ -2,11 +2,13 @@
 
 Cases: (B, H, T, D) in SHAPES, causal or not, with a key padding mask (SDPA gets the equivalent boolean
 attn_mask (B, 1, 1, T)), with dropout 0.1; forward and forward+backward. Prints a markdown table: median ms,
-GFLOP/s (4 B H Tq Tk D flops forward, 3.5x that for forward+backward, whose backward is 2.5x the forward; halved
-when causal), peak memory above the inputs (CPU: the largest RSS growth is not tracked by torch, so the CPU
-column uses the profiler's allocator peak), and the speed ratio to SDPA in the same run (> 1 is faster). The Triton interpreter (CPU) is not timed.
+GFLOP/s (4 B H Tq Tk D flops forward, 3.5x that for forward+backward, whose backward is 2.5x the forward;
+halved when causal), peak memory above the inputs (CPU: the largest RSS growth is not tracked by torch, so the
+CPU column uses the profiler's allocator peak), and the speed ratio to the first SDPA row of the case in the
+same run (> 1 is faster). The Triton interpreter (CPU) is not timed.
 
-    python benchmarks/bench_attention.py [--quick] [--device cpu|cuda] [--dtype float32] [--threads 2]
+    python benchmarks/bench_attention.py [--quick] [--long] [--device cpu|cuda] [--dtype float32]
+                                         [--threads 2]
 """
 from __future__ import annotations
 
@@ -26,9 +28,21 @@ SHAPES = [(8, 12, 128, 64), (8, 12, 512, 64), (2, 12, 2048, 64)]
 CASES = [("plain", False, False, 0.0), ("causal", True, False, 0.0), ("padding mask", False, True, 0.0),
          ("causal+mask", True, True, 0.0), ("dropout 0.1", False, False, 0.1)]
 QUICK = ([(8, 12, 128, 64), (2, 12, 512, 64)], [CASES[0], CASES[2], CASES[4]])
+# --long: the GPU target of issue 3 (bf16 forward TFLOP/s >= SDPA's flash backend at D = 64, 128 and
+# T = 2048-8192); on CUDA these rows are timed against SDPA pinned to its flash backend ("torch SDPA flash",
+# the ratio's base).
+LONG = ([(4, 16, 2048, 64), (2, 16, 4096, 64), (1, 16, 8192, 64), (4, 16, 2048, 128), (2, 16, 4096, 128),
+         (1, 16, 8192, 128)], [CASES[0], CASES[1]])
 
 
-def _variants(device: str):
+def _sdpa_flash(q, k, v, causal, mask, p):
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # CUDA only; the flash backend takes no mask
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+
+
+def _variants(device: str, flash_base: bool = False):
     def sdpa(q, k, v, causal, mask, p):
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T)
         if attn_mask is not None and causal:
@@ -37,7 +51,7 @@ def _variants(device: str):
             causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=causal)
 
-    out = {"torch SDPA": sdpa}
+    out = {"torch SDPA flash": _sdpa_flash, "torch SDPA": sdpa} if flash_base else {"torch SDPA": sdpa}
     for name in backends.available("attention", device):
         if name in ("reference",) or (name == "triton" and device == "cpu"):
             continue
@@ -61,7 +75,7 @@ def _peak_bytes(fn, device: str) -> int:
     return peak
 
 
-def _bench_case(shape, case, args, rows):
+def _bench_case(shape, case, args, rows, flash_base=False):
     b, h, t, d = shape
     label, causal, masked, p = case
     dtype = getattr(torch, args.dtype)
@@ -74,7 +88,7 @@ def _bench_case(shape, case, args, rows):
     flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
     for backward in (False, True):
         base = None
-        for name, fn in _variants(args.device).items():
+        for name, fn in _variants(args.device, flash_base).items():
             grad = torch.randn(b, h, t, d, device=args.device, dtype=dtype)
 
             def step():
@@ -91,12 +105,16 @@ def _bench_case(shape, case, args, rows):
 
 
 def run(args) -> None:
-    shapes, cases = QUICK if args.quick else (SHAPES, CASES)
+    sets = [(QUICK if args.quick else (SHAPES, CASES), False)]
+    if args.long:
+        sets.append((LONG, args.device == "cuda"))
     rows = []
-    for shape in shapes:
-        for case in cases:
-            _bench_case(shape, case, args, rows)
-    print_table(["(B, H, T, D)", "case", "impl", "pass", "median ms", "GFLOP/s", "peak MiB", "speed vs SDPA"], rows)
+    for (shapes, cases), flash_base in sets:
+        for shape in shapes:
+            for case in cases:
+                _bench_case(shape, case, args, rows, flash_base)
+    print_table(["(B, H, T, D)", "case", "impl", "pass", "median ms", "GFLOP/s", "peak MiB",
+                 "speed vs first SDPA row"], rows)
 
 
 def main() -> None:
@@ -106,6 +124,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a small subset of shapes and cases")
+    p.add_argument("--long", action="store_true",
+                   help="also T = 2048-8192 at D = 64 and 128 (the GPU target)")
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     print(f"# bench_attention: {setup(args.threads)}, dtype={args.dtype}, device={args.device}\n")
