@@ -75,43 +75,40 @@ at::Tensor view(const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) 
   return t ? x.t() : x;
 }
 
-// Row-major C (m x n) = alpha * op(A) B (+ C when acc), op(A) = A (m x k, row stride lda) or, with ta, A^T for an
-// A stored (k x m) with row stride lda; B (k x n) with row stride ldb. AVX-512 builds use the register-tiled
-// kernel of tile_gemm.h (no operand packing); others the column-major BLAS GEMM (C^T = B^T op(A)^T). Measured on
+// Row-major C (m x n) = alpha * op(A) op(B) (+ C when acc), via the column-major BLAS GEMM
+// (C^T = op(B)^T op(A)^T); op(A) is m x k, op(B) k x n, ta / tb: the operand is stored transposed.
+void blas_mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+             const float* b, int64_t ldb, bool acc, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const float beta = acc ? 1.f : 0.f;
+  if (kSgemm) {
+    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+    const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
+    kSgemm(&tra, &trb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+    return;
+  }
+  const at::Tensor x = ta ? view(a, k, m, lda, true) : view(a, m, k, lda, false);
+  const at::Tensor y = tb ? view(b, n, k, ldb, true) : view(b, k, n, ldb, false);
+  view(c, m, n, ldc, false).addmm_(x, y, beta, alpha);
+}
+
+// C (m x n) = alpha * op(A) B (+ C when acc) with B's rows contiguous: the P V, Pd^T dO, dS K and dS^T Q products.
+// AVX-512 builds use the register-tiled kernel of tile_gemm.h (no operand packing), others BLAS. Measured on
 // 2 AVX-512 cores, fp32 fwd+bwd, the tile kernel against BLAS for these products: 1.03-1.19x at D = 24, 32, 64
 // and T = 128-2048, parity at D = 128.
 void mm(bool ta, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
         int64_t ldb, bool acc, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
 #ifdef __AVX512F__
-  tile_gemm::gemm(m, n, k, alpha, a, ta ? 1 : lda, ta ? lda : 1, b, ldb, acc, c, ldc);
+  if (m > 0 && n > 0) tile_gemm::gemm(m, n, k, alpha, a, ta ? 1 : lda, ta ? lda : 1, b, ldb, acc, c, ldc);
 #else
-  const float beta = acc ? 1.f : 0.f;
-  if (kSgemm) {
-    const char tra = 'N', trb = ta ? 'T' : 'N';
-    const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
-    kSgemm(&tra, &trb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-    return;
-  }
-  at::Tensor out = view(c, m, n, ldc, false);
-  const at::Tensor x = ta ? view(a, k, m, lda, true) : view(a, m, k, lda, false);
-  out.addmm_(x, view(b, k, n, ldb, false), beta, alpha);
+  blas_mm(ta, false, m, n, k, alpha, a, lda, b, ldb, acc, c, ldc);
 #endif
 }
 
-// Row-major C (m x n) = alpha * A B^T (+ C when acc) for A (m x k) and B (n x k), row strides lda / ldb: the
-// BLAS GEMM (C^T = B A^T): the Q K^T and dO V^T products.
+// C (m x n) = alpha * A B^T (+ C when acc), B stored (n x k): the Q K^T and dO V^T products (BLAS).
 void mm_bt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
            bool acc, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const float beta = acc ? 1.f : 0.f;
-  if (kSgemm) {
-    const char tra = 'T', trb = 'N';
-    const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
-    kSgemm(&tra, &trb, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-    return;
-  }
-  view(c, m, n, ldc, false).addmm_(view(a, m, k, lda, false), view(b, n, k, ldb, true), beta, alpha);
+  blas_mm(false, true, m, n, k, alpha, a, lda, b, ldb, acc, c, ldc);
 }
 
 // Runs body(state, t) for t in [0, n) on at::parallel_for's threads, each thread taking the next task from a
