@@ -29,6 +29,7 @@ from fastllm.nn.blocks import BlockSpec, TransformerBlock
 from fastllm.nn.dropout import Dropout
 from fastllm.nn.embeddings import Embeddings
 from fastllm.nn.heads import ClassLoss, Pooler, PredictionTransform, VocabLoss, masked_rows
+from fastllm.nn.tied import TiedGrad, plain_embedding
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -136,13 +137,14 @@ class _BertWithHead(nn.Module):
 class _MLMHead(nn.Module):
     """cls.predictions: transform + decoder with the tied embedding weight and its own bias."""
 
-    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding, tied: TiedGrad | None = None):
         super().__init__()
         self.transform = PredictionTransform(config.hidden_size, config.hidden_act, config.layer_norm_eps,
                                              config.kernels)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.loss = VocabLoss(kernels=config.kernels)
         self._words = [word_embeddings]  # a list: the tied weight is owned (and saved) by the embeddings
+        self._tied = tied  # shares the decoder's gradient buffer with the lookup (fastllm.nn.tied)
 
     @property
     def decoder_weight(self) -> torch.Tensor:
@@ -161,13 +163,16 @@ class _MLMHead(nn.Module):
             rows, target = seq.reshape(-1, seq.shape[-1]), labels.reshape(-1)  # (B*T, H), (B*T,)
         else:
             rows, target = masked_rows(seq, labels)  # (M, H), (M,)
-        return self.loss(self.transform(rows), self.decoder_weight, target, self.bias)
+        w = self.decoder_weight  # (V, H)
+        if self._tied is not None and plain_embedding(self._words[0]):
+            w = self._tied.head_weight(w)
+        return self.loss(self.transform(rows), w, target, self.bias)
 
 
 class BertForPreTraining(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.mlm = _MLMHead(config, self.bert.embeddings.word)
+        self.mlm = _MLMHead(config, self.bert.embeddings.word, self.bert.embeddings.tie_output())
         self.nsp = nn.Linear(config.hidden_size, 2)
         self.nsp_loss = ClassLoss(config.kernels)
         self._init_head()
@@ -192,7 +197,7 @@ class BertForMaskedLM(_BertWithHead):
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.mlm = _MLMHead(config, self.bert.embeddings.word)
+        self.mlm = _MLMHead(config, self.bert.embeddings.word, self.bert.embeddings.tie_output())
         self._init_head()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,

@@ -25,6 +25,7 @@ from fastllm.nn._kernels import apply_norm, make_layer_norm
 from fastllm.nn.blocks import BlockSpec, TransformerBlock
 from fastllm.nn.embeddings import Embeddings, RotaryEmbedding
 from fastllm.nn.heads import VocabLoss
+from fastllm.nn.tied import plain_embedding
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -48,6 +49,8 @@ class GPT(nn.Module):
         self.ln_f = make_layer_norm(c.n_embd, c.layer_norm_epsilon, c.kernels)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.loss_fn = VocabLoss(kernels=c.kernels)
+        if self.lm_head is None:
+            self.embeddings.tie_output()
         self._init()
 
     def _init(self) -> None:
@@ -60,6 +63,14 @@ class GPT(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         return self.embeddings.word.weight if self.lm_head is None else self.lm_head.weight  # (V, H)
+
+    def _loss_weight(self) -> torch.Tensor:
+        """output_weight for the loss; tied, it shares its gradient buffer with the lookup (fastllm.nn.tied).
+        A pipeline's last stage holds the weight in a TiedHolder, without a TiedGrad: then the plain weight."""
+        tied = getattr(self.embeddings, "tied", None) if self.lm_head is None else None
+        if tied is None or not plain_embedding(self.embeddings.word):
+            return self.output_weight  # (V, H)
+        return tied.head_weight(self.output_weight)  # (V, H)
 
     def _positions(self, input_ids, position_ids, past_length: int):
         if position_ids is not None:
@@ -111,5 +122,5 @@ class GPT(nn.Module):
         loss = None
         if labels is not None:
             target = shift_labels(labels).reshape(-1)  # (B*T,)
-            loss = self.loss_fn(y.reshape(-1, y.shape[-1]), self.output_weight, target)
+            loss = self.loss_fn(y.reshape(-1, y.shape[-1]), self._loss_weight(), target)
         return ModelOutput(loss, logits, hidden, attns, presents, y)

@@ -8,6 +8,9 @@ Invariants:
   attention, see RotaryEmbedding).
 - scale_embeddings multiplies token embeddings by sqrt(H) (the encoder-decoder paper does this).
 - Parameter names: word, position, token_type, norm (for HF import: word_embeddings, position_embeddings, ...).
+- A model whose output head reuses word.weight calls tie_output() and passes the head's weight through
+  TiedGrad.head_weight: the lookup's gradient rows are then added into the head's gradient buffer
+  (fastllm.nn.tied) instead of a second (V, H) tensor.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from torch import nn
 
 from fastllm.nn._kernels import apply_norm, make_layer_norm
 from fastllm.nn.dropout import Dropout
+from fastllm.nn.tied import TiedGrad, plain_embedding
 
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "none")
 
@@ -80,6 +84,20 @@ class Embeddings(nn.Module):
         self.token_type = nn.Embedding(type_vocab_size, hidden_size) if type_vocab_size > 0 else None
         self.norm = make_layer_norm(hidden_size, eps, kernels) if layer_norm else None
         self.dropout = Dropout(dropout, kernels)
+        self.tied: TiedGrad | None = None  # set by tie_output(): the word weight is also an output matrix
+
+    def tie_output(self) -> TiedGrad:
+        """The TiedGrad through which an output head that reuses `word.weight` shares its gradient buffer."""
+        if self.tied is None:
+            self.tied = TiedGrad()
+        return self.tied
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """word(input_ids) (B, T, H); through the TiedGrad when the weight is tied to an output head."""
+        w = self.word
+        if self.tied is None or not plain_embedding(w):
+            return w(input_ids)
+        return self.tied.lookup(w.weight, input_ids, w.padding_idx)
 
     def check(self, input_ids, token_type_ids=None, position_ids=None, past_length: int = 0) -> None:
         """Errors naming the argument for out-of-range ids or a sequence longer than max_positions."""
@@ -99,7 +117,7 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, position_ids=None, past_length: int = 0):
         self.check(input_ids, token_type_ids, position_ids, past_length)
-        x = self.word(input_ids)  # (B, T, H)
+        x = self.lookup(input_ids)  # (B, T, H)
         if self.scale != 1.0:
             x = x * self.scale
         if self.token_type is not None:  # added before positions, in HF BERT's order (same rounding)
