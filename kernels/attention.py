@@ -259,6 +259,6 @@ def attention_fwd_op():
     # Explicit fake kernels: the derived ones would run the kernel body, which the CPU interpreter cannot fake.
     _fwd.register_fake(_fwd_fake)
     _bwd.register_fake(_bwd_fake)
-    torch.library.register_autograd("fastllm::attention_fwd_triton", _make_backward(_bwd),
+    torch.library.register_autograd("fastllm::attention_fwd_triton", _make_backward(_bwd, strided=False),
                                     setup_context=_setup_context)
     return _fwd

@@ -1,6 +1,7 @@
 // Shared argument validation, layout and dropout hash for the attention kernels (CPU and CUDA).
 //
-// Layouts: padded q (B, H, Tq, D), k/v (B, Hkv, Tk, D), lse (B, H, Tq) fp32;
+// Layouts: padded q (B, H, Tq, D), k/v (B, Hkv, Tk, D), lse (B, H, Tq) fp32; contiguous for CUDA, any strides
+//          with a contiguous D for the CPU kernel (which allocates out and the gradients like their inputs);
 //          varlen q (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q) fp32, sequence b holds rows
 //          cu_seqlens[b] .. cu_seqlens[b+1] (int32). Hkv divides H; query head h reads kv head h / (H / Hkv).
 // Dropout: keep element (b*H + h, query row i, key col j) of a sequence when (hash >> 8) >= threshold, the
@@ -22,7 +23,17 @@ struct AttnDims {
   bool varlen;
 };
 
-inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
+// strided (the CPU kernel): any batch/head/row strides, the head dim contiguous; else (CUDA) contiguous.
+inline void check_layout(const at::Tensor& t, const char* name, bool strided) {
+  if (strided) {
+    FASTLLM_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, name, " must have a contiguous last (head) dim, got strides ",
+                  t.strides());
+  } else {
+    FASTLLM_CHECK(t.is_contiguous(), name, " must be contiguous");
+  }
+}
+
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims, bool strided) {
   CHECK_FLOATING(q);
   for (const auto* t : {&q, &k, &v}) {
     const char* name = t == &q ? "q" : (t == &k ? "k" : "v");
@@ -30,7 +41,7 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     FASTLLM_CHECK(t->scalar_type() == q.scalar_type(), name, " dtype ", t->scalar_type(), " != q dtype ",
                   q.scalar_type());
     FASTLLM_CHECK(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
-    FASTLLM_CHECK(t->is_contiguous(), name, " must be contiguous");
+    check_layout(*t, name, strided);
   }
   FASTLLM_CHECK(k.sizes() == v.sizes(), "k shape ", k.sizes(), " != v shape ", v.sizes());
   FASTLLM_CHECK(q.size(-1) == k.size(-1), "head dim of q (", q.size(-1), ") != head dim of k (", k.size(-1), ")");
@@ -56,11 +67,11 @@ inline void check_cu(const at::Tensor& cu, const char* name, int64_t batch, int6
 inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
                                 const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                                double dropout_p) {
+                                double dropout_p, bool strided = false) {
   FASTLLM_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must both be given or not");
   FASTLLM_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   const bool varlen = cu_q.has_value();
-  check_qkv(q, k, v, varlen ? 3 : 4);
+  check_qkv(q, k, v, varlen ? 3 : 4, strided);
   AttnDims d{};
   d.varlen = varlen;
   d.D = q.size(-1);
@@ -88,12 +99,12 @@ inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 inline void check_attention_bwd(const AttnDims& d, const at::Tensor& q, const at::Tensor& dout,
-                                const at::Tensor& out, const at::Tensor& lse) {
+                                const at::Tensor& out, const at::Tensor& lse, bool strided = false) {
   for (const auto* t : {&dout, &out}) {
     const char* name = t == &dout ? "dout" : "out";
     FASTLLM_CHECK(t->sizes() == q.sizes(), name, " shape ", t->sizes(), " != q shape ", q.sizes());
     FASTLLM_CHECK(t->scalar_type() == q.scalar_type(), name, " dtype ", t->scalar_type(), " != ", q.scalar_type());
-    FASTLLM_CHECK(t->is_contiguous(), name, " must be contiguous");
+    check_layout(*t, name, strided);
   }
   CHECK_DTYPE(lse, at::kFloat);
   CHECK_CONTIGUOUS(lse);

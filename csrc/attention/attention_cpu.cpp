@@ -124,8 +124,20 @@ void parallel_tasks(int64_t n, const Init& init, const Body& body) {
   });
 }
 
+// Element strides of the batch, head and row dims of a (B, H, T, D) tensor, or (0, head, row) of a varlen
+// (total, H, D) one; D is contiguous. q, k, v, out, dout and the gradients each have their own, so q, k and v can
+// be views of one (B, T, 3 * H * D) projection and out / dq / dk / dv be allocated (B, T, H, D) (see empty_heads).
+struct Lay {
+  int64_t b, h, t;
+};
+
+Lay lay(const at::Tensor& x, bool varlen) {
+  return varlen ? Lay{0, x.stride(1), x.stride(0)} : Lay{x.stride(0), x.stride(1), x.stride(2)};
+}
+
 struct Params {
   AttnDims d;
+  Lay lq, lk, lv, lo, lg, ldq, ldk, ldv;  // layouts of q, k, v, out, dout, dq, dk, dv
   const float *q, *k, *v, *o, *dout;
   const float* kbias;  // key-padding mask as 0 / -inf, (B, Tk), or null
   int64_t fbm, fbn;    // forward block: query rows per task, keys per tile
@@ -136,6 +148,21 @@ struct Params {
   uint32_t drop_thr;
   uint64_t seed;
 };
+
+// One (sequence b, query head h): its kv head, first rows (varlen) and lengths, and where its lse starts.
+struct Head {
+  int64_t b, h, hk, q0, k0, lq, lk, lse;
+};
+
+Head head(const Params& p, int64_t b, int64_t h) {
+  const HeadView v = head_view(p.d, p.cu_q, p.cu_k, b, h);
+  const int64_t q0 = p.cu_q ? p.cu_q[b] : 0, k0 = p.cu_k ? p.cu_k[b] : 0;
+  return Head{b, h, h / (p.d.H / p.d.Hkv), q0, k0, v.lq, v.lk, v.lse};
+}
+
+// Element offset of query row i of head s in a tensor of layout l, and of key row j.
+int64_t qrow(const Lay& l, const Head& s, int64_t i) { return s.b * l.b + s.h * l.h + (s.q0 + i) * l.t; }
+int64_t krow(const Lay& l, const Head& s, int64_t j) { return s.b * l.b + s.hk * l.h + (s.k0 + j) * l.t; }
 
 // Per-tile context: which rows/keys, and the causal offset of this sequence.
 struct Tile {
@@ -264,10 +291,10 @@ void softmax_update(const Params& p, const Tile& t, FwdState& st, uint32_t hk) {
   }
 }
 
-void fwd_finish(const Params& p, const HeadView& hv, const Tile& t, FwdState& st) {
+void fwd_finish(const Params& p, const Head& hv, const Tile& t, FwdState& st) {
   const int64_t D = p.d.D;
   for (int64_t r = 0; r < t.bm; ++r) {
-    float* o = p.out + hv.q + (t.i0 + r) * hv.q_rs;
+    float* o = p.out + qrow(p.lo, hv, t.i0 + r);
     const float l = st.rsum[r];
     if (l == 0.f) {
       std::fill(o, o + D, 0.f);
@@ -280,7 +307,7 @@ void fwd_finish(const Params& p, const HeadView& hv, const Tile& t, FwdState& st
 }
 
 void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) {
-  const HeadView hv = head_view(p.d, p.cu_q, p.cu_k, b, h);
+  const Head hv = head(p, b, h);
   if (i0 >= hv.lq) return;
   const int64_t D = p.d.D, bm = std::min(p.fbm, hv.lq - i0), off = hv.lk - hv.lq, ld = odd_lines(p.fbn);
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
@@ -289,21 +316,36 @@ void fwd_block(const Params& p, FwdState& st, int64_t b, int64_t h, int64_t i0) 
   std::fill(st.rmax.begin(), st.rmax.end(), kNegInf);
   std::fill(st.rsum.begin(), st.rsum.end(), 0.f);
   const int64_t kend = p.causal ? std::min(hv.lk, i0 + bm + off) : hv.lk;
-  const float* q = p.q + hv.q + i0 * hv.q_rs;
+  const float* q = p.q + qrow(p.lq, hv, i0);
   for (int64_t j0 = 0; j0 < kend; j0 += p.fbn) {
     const Tile t{i0, bm, j0, std::min(p.fbn, kend - j0), off, ld};
     if (block_all_masked(kbias, j0, t.bn)) continue;
-    const float* k = p.k + hv.k + j0 * hv.k_rs;
-    mm_bt(bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, false, st.s.data(), ld);  // S (bm, bn)
+    const float* k = p.k + krow(p.lk, hv, j0);
+    mm_bt(bm, t.bn, D, p.scale, q, p.lq.t, k, p.lk.t, false, st.s.data(), ld);  // S (bm, bn)
     mask_tile(p, t, kbias, st.s.data());
     softmax_update(p, t, st, hk);
-    mm(false, bm, D, t.bn, 1.f, st.s.data(), ld, p.v + hv.k + j0 * hv.k_rs, hv.k_rs, true, st.acc.data(),
+    mm(false, bm, D, t.bn, 1.f, st.s.data(), ld, p.v + krow(p.lv, hv, j0), p.lv.t, true, st.acc.data(),
        D);  // acc (bm, D) += P V
   }
   fwd_finish(p, hv, Tile{i0, bm, 0, 0, off, ld}, st);
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// An fp32 tensor of x's shape laid out as x: padded and row-major across heads (rows further apart than heads, as
+// views of a (B, T, H * D) projection are) gives (B, T, H, D) memory seen as (B, H, T, D), so the caller's
+// transpose(1, 2).flatten(2) is a view; otherwise contiguous. fastllm.ops.attention's fakes apply the same rule.
+at::Tensor empty_heads(const at::Tensor& x, bool varlen, bool zero) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor out = !varlen && x.stride(2) > x.stride(1)
+                       ? at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, f32).transpose(1, 2)
+                       : at::empty(x.sizes(), f32);
+  return zero ? out.zero_() : out;
+}
+
+void set_layouts(Params& p, bool varlen, std::initializer_list<std::pair<Lay*, const at::Tensor*>> items) {
+  for (const auto& [l, t] : items) *l = lay(*t, varlen);
+}
 
 // The key-padding mask as an additive 0 / -inf bias (B, Tk), or an undefined tensor without a mask.
 at::Tensor key_bias(const std::optional<at::Tensor>& mask) {
@@ -338,13 +380,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
     bool causal, double dropout_p, double scale, int64_t seed) {
-  const AttnDims d = check_attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p);
+  const AttnDims d = check_attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, /*strided=*/true);
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor out = empty_heads(q, d.varlen, false);
   at::Tensor lse = d.varlen ? at::empty({d.H, d.total_q}, out.options()) : at::empty({d.B, d.H, d.Tq}, out.options());
   Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.out = out.data_ptr<float>(), p.lse = lse.data_ptr<float>();
+  set_layouts(p, d.varlen, {{&p.lq, &qf}, {&p.lk, &kf}, {&p.lv, &vf}, {&p.lo, &out}});
   const at::Tensor kbias = key_bias(mask);
   p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   std::tie(p.fbm, p.fbn) = fwd_blocks(d);
@@ -366,17 +409,17 @@ struct BwdState {
 };
 
 // delta[i] = rowsum(dO_i * O_i) for the rows of one head.
-void compute_delta(const Params& p, const HeadView& hv, float* delta) {
+void compute_delta(const Params& p, const Head& hv, float* delta) {
   for (int64_t i = 0; i < hv.lq; ++i) {
-    const float* o = p.o + hv.q + i * hv.q_rs;
-    const float* g = p.dout + hv.q + i * hv.q_rs;
+    const float* o = p.o + qrow(p.lo, hv, i);
+    const float* g = p.dout + qrow(p.lg, hv, i);
     delta[i] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                [](Vec a, Vec b) { return a + b; }, o, g, p.d.D);
   }
 }
 
 // P = exp(S - lse) for a tile whose S (already masked) is in st.s.
-void recompute_p(const Params& p, const HeadView& hv, const Tile& t, float* s) {
+void recompute_p(const Params& p, const Head& hv, const Tile& t, float* s) {
   for (int64_t r = 0; r < t.bm; ++r) {
     const float lse = p.lse[hv.lse + t.i0 + r];
     float* row = s + r * t.ld;
@@ -397,18 +440,18 @@ void ds_tile(const Tile& t, const float* pm, float* dp, const float* delta) {
   }
 }
 
-void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, uint32_t hk, const float* kbias,
+void bwd_tile(const Params& p, const Head& hv, const Tile& t, BwdState& st, uint32_t hk, const float* kbias,
               const float* delta) {
   const int64_t D = p.d.D;
-  const float* q = p.q + hv.q + t.i0 * hv.q_rs;
-  const float* g = p.dout + hv.q + t.i0 * hv.q_rs;
-  const float* k = p.k + hv.k + t.j0 * hv.k_rs;
-  const float* v = p.v + hv.k + t.j0 * hv.k_rs;
+  const float* q = p.q + qrow(p.lq, hv, t.i0);
+  const float* g = p.dout + qrow(p.lg, hv, t.i0);
+  const float* k = p.k + krow(p.lk, hv, t.j0);
+  const float* v = p.v + krow(p.lv, hv, t.j0);
   float *s = st.s.data(), *dp = st.dp.data(), *m = st.m.data();
-  mm_bt(t.bm, t.bn, D, p.scale, q, hv.q_rs, k, hv.k_rs, false, s, t.ld);  // S (bm, bn)
+  mm_bt(t.bm, t.bn, D, p.scale, q, p.lq.t, k, p.lk.t, false, s, t.ld);  // S (bm, bn)
   mask_tile(p, t, kbias, s);
   recompute_p(p, hv, t, s);
-  mm_bt(t.bm, t.bn, D, 1.f, g, hv.q_rs, v, hv.k_rs, false, dp, t.ld);  // dO V^T (bm, bn)
+  mm_bt(t.bm, t.bn, D, 1.f, g, p.lg.t, v, p.lv.t, false, dp, t.ld);  // dO V^T (bm, bn)
   if (p.drop_p > 0) {
     dropout_tile(p, t, hk, m);
     for (int64_t o = 0; o < t.bm * t.ld; o += t.ld) {
@@ -417,14 +460,14 @@ void bwd_tile(const Params& p, const HeadView& hv, const Tile& t, BwdState& st, 
     }
   }
   const float* pd = p.drop_p > 0 ? m : s;
-  mm(true, t.bn, D, t.bm, 1.f, pd, t.ld, g, hv.q_rs, true, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
+  mm(true, t.bn, D, t.bm, 1.f, pd, t.ld, g, p.lg.t, true, st.dvj.data(), D);  // dV (bn, D) += Pd^T dO
   ds_tile(t, s, dp, delta);
-  mm(false, t.bm, D, t.bn, p.scale, dp, t.ld, k, hv.k_rs, true, p.dq + hv.q + t.i0 * hv.q_rs, hv.q_rs);
-  mm(true, t.bn, D, t.bm, p.scale, dp, t.ld, q, hv.q_rs, true, st.dkj.data(), D);  // dK += dS^T Q
+  mm(false, t.bm, D, t.bn, p.scale, dp, t.ld, k, p.lk.t, true, p.dq + qrow(p.ldq, hv, t.i0), p.ldq.t);
+  mm(true, t.bn, D, t.bm, p.scale, dp, t.ld, q, p.lq.t, true, st.dkj.data(), D);  // dK += dS^T Q
 }
 
 // All q-blocks of query head h against k-block [j0, j0 + bn).
-void bwd_head_kblock(const Params& p, const HeadView& hv, BwdState& st, int64_t b, int64_t h, int64_t j0,
+void bwd_head_kblock(const Params& p, const Head& hv, BwdState& st, int64_t b, int64_t h, int64_t j0,
                      int64_t bn, const float* delta) {
   const int64_t off = hv.lk - hv.lq;
   const int64_t first = p.causal ? std::max<int64_t>(0, j0 - off) : 0;  // rows before it see none of the block
@@ -441,21 +484,19 @@ void store_rows(const float* src, float* dst, int64_t rows, int64_t d, int64_t r
 
 void bwd_task(const Params& p, BwdState& st, int64_t b, int64_t hkv) {
   const int64_t G = p.d.H / p.d.Hkv, D = p.d.D, h0 = hkv * G;
-  const HeadView kv = head_view(p.d, p.cu_q, p.cu_k, b, h0);
+  const Head kv = head(p, b, h0);
   const float* kbias = p.kbias ? p.kbias + b * p.d.Tk : nullptr;
-  for (int64_t g = 0; g < G; ++g)
-    compute_delta(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st.delta.data() + g * p.d.Tq);
+  for (int64_t g = 0; g < G; ++g) compute_delta(p, head(p, b, h0 + g), st.delta.data() + g * p.d.Tq);
   for (int64_t j0 = 0; j0 < kv.lk; j0 += kBN) {
     const int64_t bn = std::min(kBN, kv.lk - j0);
     std::fill(st.dkj.begin(), st.dkj.end(), 0.f);
     std::fill(st.dvj.begin(), st.dvj.end(), 0.f);
     if (!block_all_masked(kbias, j0, bn)) {
       for (int64_t g = 0; g < G; ++g)
-        bwd_head_kblock(p, head_view(p.d, p.cu_q, p.cu_k, b, h0 + g), st, b, h0 + g, j0, bn,
-                        st.delta.data() + g * p.d.Tq);
+        bwd_head_kblock(p, head(p, b, h0 + g), st, b, h0 + g, j0, bn, st.delta.data() + g * p.d.Tq);
     }
-    store_rows(st.dkj.data(), p.dk + kv.k + j0 * kv.k_rs, bn, D, kv.k_rs);
-    store_rows(st.dvj.data(), p.dv + kv.k + j0 * kv.k_rs, bn, D, kv.k_rs);
+    store_rows(st.dkj.data(), p.dk + krow(p.ldk, kv, j0), bn, D, p.ldk.t);
+    store_rows(st.dvj.data(), p.dv + krow(p.ldv, kv, j0), bn, D, p.ldv.t);
   }
 }
 
@@ -468,15 +509,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, bool causal, double dropout_p,
     double scale, int64_t seed) {
-  const AttnDims d = check_attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p);
-  check_attention_bwd(d, q, dout, out, lse);
+  const AttnDims d = check_attention(q, k, v, mask, cu_q, cu_k, max_q, max_k, dropout_p, /*strided=*/true);
+  check_attention_bwd(d, q, dout, out, lse, /*strided=*/true);
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), gf = as_f32(dout);
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::empty(k.sizes(), f32), dv = at::empty(v.sizes(), f32);
+  at::Tensor dq = empty_heads(q, d.varlen, true), dk = empty_heads(k, d.varlen, false);
+  at::Tensor dv = empty_heads(v, d.varlen, false);
   Params p = make_params(d, cu_q, cu_k, causal, dropout_p, scale, seed);
   p.q = qf.data_ptr<float>(), p.k = kf.data_ptr<float>(), p.v = vf.data_ptr<float>();
   p.o = of.data_ptr<float>(), p.dout = gf.data_ptr<float>(), p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dv = dv.data_ptr<float>();
+  set_layouts(p, d.varlen, {{&p.lq, &qf}, {&p.lk, &kf}, {&p.lv, &vf}, {&p.lo, &of}, {&p.lg, &gf}, {&p.ldq, &dq},
+                            {&p.ldk, &dk}, {&p.ldv, &dv}});
   const at::Tensor kbias = key_bias(mask);
   p.kbias = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   parallel_tasks(d.B * d.Hkv, [&] { return BwdState(d.D, (d.H / d.Hkv) * d.Tq); },

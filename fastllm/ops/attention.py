@@ -15,6 +15,10 @@ Invariants:
 - Backends (fastllm.ops.backends): reference (materialized scores, the oracle), cpu/cuda
   (torch.ops.fastllm.attention_fwd/_bwd, csrc/attention/), triton (fastllm.kernels.attention). The fused
   backends save only out and the fp32 log-sum-exp (B, H, Tq) for the backward: extra memory O(B*H*T).
+- Layout: the CPU kernel reads q, k, v (and dout) with any strides whose head dim is contiguous, so the
+  (B, H, T, D) views of a fused QKV projection go in without copies, and it returns out, dq, dk, dv laid out like
+  their inputs (_empty_heads: (B, T, H, D) memory for such views, so merging the heads back is a view too). CUDA
+  and Triton take contiguous copies and return contiguous tensors.
 - The dispatcher ops have fake kernels and autograd formulas registered here (torch.compile, opcheck). Their
   max_seqlen arguments are SymInt, so a compiled model keeps sequence lengths symbolic (one graph for all).
 - Under torch.compile, dropout with generator_seed=None draws the seed inside the graph as an int64 tensor
@@ -35,16 +39,28 @@ from fastllm.ops._checks import check_float
 __all__ = ["attention", "attention_varlen"]
 
 
+def _empty_heads(x: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """A tensor of x's shape laid out as the kernels allocate out / dq / dk / dv for input x (empty_heads in
+    attention_cpu.cpp): (B, T, H, D) memory seen as (B, H, T, D) when x is padded and its rows are further apart
+    than its heads (a view of a (B, T, H * D) projection), else contiguous. CUDA and Triton get contiguous inputs
+    (_layout), so there the rule gives contiguous outputs, as those kernels allocate."""
+    if not varlen and x.stride(2) > x.stride(1):
+        b, h, t, d = x.shape
+        return x.new_empty((b, t, h, d)).transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory
+    return x.new_empty(x.shape)
+
+
 def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
     if cu_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # (H, total_q)
     else:
         lse = q.new_empty(q.shape[:3], dtype=torch.float32)  # (B, H, Tq)
-    return torch.empty_like(q), lse
+    return _empty_heads(q, cu_q is not None), lse
 
 
 def _bwd_fake(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    varlen = cu_q is not None
+    return _empty_heads(q, varlen), _empty_heads(k, varlen), _empty_heads(v, varlen)
 
 
 def _setup_context(ctx, inputs, output):
@@ -53,10 +69,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # lse gets no gradient: no zero-filled (B, H, T) buffer per call
 
 
-def _make_backward(bwd_op):
+def _layout(x: torch.Tensor, strided: bool = True) -> torch.Tensor:
+    """x as the kernel reads it: the CPU kernel (strided) takes any strides with a contiguous head dim (q, k, v
+    as views of the QKV projection: no copies); CUDA and Triton take contiguous tensors."""
+    if strided and x.device.type == "cpu" and x.stride(-1) == 1:
+        return x
+    return x.contiguous()
+
+
+def _make_backward(bwd_op, strided: bool = True):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else _layout(dout, strided)
         dq, dk, dv = bwd_op(dout, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.args)
         return dq, dk, dv, *([None] * 9)
 
@@ -107,7 +131,7 @@ def _seeded_setup_context(ctx, inputs, output):
 
 def _seeded_backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dout = torch.zeros_like(out) if dout is None else _layout(dout, ctx.backend != "triton")
     dq, dk, dv = _bwd_seeded(dout, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.args, seed, ctx.backend)
     return dq, dk, dv, *([None] * 10)
 
@@ -201,8 +225,9 @@ def _bwd_op(name: str):
 
 def _run_fwd(name: str, q, k, v, mask, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dropout_p: float,
              scale: float, seed: int | torch.Tensor) -> torch.Tensor:
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), mask, cu_q, cu_k, max_q, max_k, causal, dropout_p,
-            scale)
+    strided = name != "triton"
+    args = (_layout(q, strided), _layout(k, strided), _layout(v, strided), mask, cu_q, cu_k, max_q, max_k, causal,
+            dropout_p, scale)
     if isinstance(seed, torch.Tensor):  # drawn under torch.compile
         return _fwd_seeded(*args, seed, name)[0]
     return _fwd_op(name)(*args, seed)[0]

@@ -209,6 +209,34 @@ def test_seed_from_torch_generator_reproduces_and_is_saved_for_backward():
     assert not torch.equal(attention(q, k, v, dropout_p=0.3), outs[0][0])
 
 
+def _projection_views(b, h, hkv, t, d, dtype, seed=0):
+    """q, k, v as (B, H, T, D) views of one (B, T, (H + 2 Hkv) D) projection, as MultiHeadAttention makes them."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, t, (h + 2 * hkv) * d, generator=g).to(dtype)  # (B, T, (H + 2 Hkv) D)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+    return [x.unflatten(-1, (-1, d)).transpose(1, 2) for x in (q, k, v)]  # (B, n, T, D) each, strided
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hkv, causal, p", [(4, False, 0.0), (2, True, 0.2), (1, False, 0.1)])
+def test_cpu_reads_projection_views_and_returns_their_layout(dtype, hkv, causal, p):
+    """The CPU kernel takes strided q, k, v (no copies) and gives out / dq / dk / dv laid out (B, T, H, D): the
+    same values as from contiguous copies (the same arithmetic on the same numbers: equal to fp32 roundoff of a
+    BLAS call with another leading dimension, 1e-6 relative), and merging heads back is a view."""
+    q, k, v = _projection_views(2, 4, hkv, 33, 16, dtype)
+    dout = torch.randn(2, 33, 4, 16).to(dtype).transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory
+    kw = dict(causal=causal, dropout_p=p, generator_seed=5, backend="cpu")
+    got = _run(lambda *a: attention(*a, **kw), q, k, v, dout)
+    want = _run(lambda *a: attention(*(x.contiguous() for x in a), **kw), q, k, v, dout.contiguous())
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the outputs are rounded from equal fp32 values
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=name)
+        assert x.transpose(1, 2).is_contiguous(), name  # (B, T, H, D) memory
+    assert want[0].is_contiguous()  # contiguous inputs keep contiguous outputs
+    torch.library.opcheck(torch.ops.fastllm.attention_fwd.default,
+                          (q.detach().requires_grad_(), k, v, None, None, None, 33, 33, causal, p, 0.25, 3))
+
+
 # ------------------------------------------------------------------------------------------------ framework
 def test_opcheck_native():
     q, k, v, _ = _inputs(2, 4, 2, 9, 13, 8, torch.float32)
@@ -339,7 +367,7 @@ def test_bad_cu_seqlens(cu, match):
 
 def test_cpp_boundary_checks_name_the_argument():
     q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)
-    with pytest.raises(RuntimeError, match="k must be contiguous"):
+    with pytest.raises(RuntimeError, match="k must have a contiguous last"):
         torch.ops.fastllm.attention_fwd(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, None, None, None,
                                         3, 4, False, 0.0, 1.0, 0)
     cu = torch.tensor([0, 3, 2, 4], dtype=torch.int32)
