@@ -16,6 +16,7 @@ Invariants:
 - output_attentions=True computes the probabilities with materialized scores (fastllm.ops.reference math,
   no dropout) and returns them (B, heads, Tq, Tk); it is for analysis, never the training path.
 - The backend is chosen at build time (KernelChoice), never inside forward().
+- The projections run through fastllm.nn.linear.linear: their weight gradients reuse a buffer across steps.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastllm.nn._kernels import KernelChoice
+from fastllm.nn.linear import GradBuffer, linear
 from fastllm.ops import reference
 from fastllm.ops.attention import attention
 
@@ -56,6 +58,7 @@ class MultiHeadAttention(KernelChoice):
         else:
             self.qkv = nn.Linear(hidden_size, hidden_size + kv_dim, bias=bias)
         self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self._grads = {name: GradBuffer() for name in ("q", "kv", "qkv", "out")}  # fastllm.nn.linear
         self._init_kernels(kernels)
 
     def _split(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,12 +83,13 @@ class MultiHeadAttention(KernelChoice):
         if rows is not None:
             return self._project_rows(x, rows)
         if not self.cross:
-            q, k, v = self.qkv(x).split([self.heads * self.head_dim, kvd, kvd], dim=-1)  # (B, T, *)
+            qkv = linear(self.qkv, x, self._grads["qkv"])  # (B, T, (heads + 2 kv_heads) D)
+            q, k, v = qkv.split([self.heads * self.head_dim, kvd, kvd], dim=-1)  # (B, T, *)
             return self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
-        q = self._split(self.q(x), self.heads)  # (B, H, Tq, D)
+        q = self._split(linear(self.q, x, self._grads["q"]), self.heads)  # (B, H, Tq, D)
         if past is not None:
             return q, None, None  # cross keys/values come from the cache
-        k, v = self.kv(memory).split([kvd, kvd], dim=-1)  # (B, Tk, kvd) each
+        k, v = linear(self.kv, memory, self._grads["kv"]).split([kvd, kvd], dim=-1)  # (B, Tk, kvd) each
         return q, self._split(k, self.kv_heads), self._split(v, self.kv_heads)
 
     def _with_past(self, k, v, past):
@@ -115,7 +119,7 @@ class MultiHeadAttention(KernelChoice):
         o = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=p, scale=self.scale,
                       backend=self.backend["attention"])  # (B, H, Tq, D)
         o = o.transpose(1, 2).flatten(2)  # (B, Tq, H*D)
-        return self.out(o), ((k, v) if use_cache else None), probs
+        return linear(self.out, o, self._grads["out"]), ((k, v) if use_cache else None), probs
 
     def _probs(self, q, k, causal, key_padding_mask) -> torch.Tensor:
         k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)  # (B, H, Tk, D)

@@ -5,12 +5,15 @@ Invariants:
   swiglu splits fc_in's output into (gate, up) halves and returns fc_out(silu(gate) * up) (Shazeer 2020),
   so fc_in has 2 * intermediate outputs.
 - Dropout (hidden dropout) is applied by the enclosing block, not here.
+- fc_in and fc_out run through fastllm.nn.linear.linear: their weight gradients reuse a buffer across steps.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastllm.nn.linear import GradBuffer, linear
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 
@@ -35,6 +38,8 @@ class MLP(nn.Module):
         width = 2 * intermediate_size if activation == "swiglu" else intermediate_size
         self.fc_in = nn.Linear(hidden_size, width, bias=bias)
         self.fc_out = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self._grad_in, self._grad_out = GradBuffer(), GradBuffer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(activate(self.fc_in(x), self.activation))  # (B, T, H)
+        h = activate(linear(self.fc_in, x, self._grad_in), self.activation)  # (B, T, I)
+        return linear(self.fc_out, h, self._grad_out)  # (B, T, H)

@@ -1,0 +1,106 @@
+"""Linear layers whose weight gradient is written into a buffer reused across training steps (CPU).
+
+Why: optimizer.zero_grad() (set_to_none=True, torch's default) frees every .grad after a step, so each backward
+writes its weight gradients into newly allocated memory. On CPU, blocks that large come from the kernel a page at
+a time (one page fault per 4 KiB on first touch, ~1 us each): for BERT-base's Linear weights that is ~340 MB of
+faults per step. GradBuffer keeps a weight's last gradient buffer and writes the next gradient into it once
+nothing else uses it, the way PyTorch's CUDA caching allocator recycles device memory.
+
+Invariants:
+- linear(module, x, buffer) equals module(x) (the same F.linear forward and the same gradient products).
+- A buffer is reused only when its storage has no other user (the previous .grad was dropped and no tensor shares
+  it); otherwise a new one is allocated, so a gradient someone kept is never overwritten. With gradient
+  accumulation (.grad still set), AccumulateGrad adds the new gradient into .grad as usual.
+- The weight gradient handed to autograd is a new tensor object over the buffer's storage (not a view), which
+  AccumulateGrad adopts as .grad without a copy.
+- The fast path covers eager fp32 nn.Linear on CPU outside autocast; torch.compile, autocast, other devices and
+  other module types (tensor-parallel Linears) call module(x). It has no double backward (once_differentiable).
+- Between steps a buffer stays allocated: one weight-sized tensor per Linear, memory every backward needs anyway.
+  GradBuffer.release() frees it, release_grad_buffers(model) all of a model's. Not for concurrent backward passes
+  of one module from several threads (they could be handed the same free buffer).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """Tensors (and storage objects) holding t's storage, not counting the one this call creates."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+
+
+class GradBuffer:
+    """The reusable weight-gradient buffer of one Linear (see the module doc)."""
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        return {}  # copies and pickles start without a buffer
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def take(self, weight: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like weight that nothing else uses: the cached one if free, else a new one."""
+        buf = self._buf
+        if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype or _storage_users(buf) > 1:
+            buf = self._buf = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return buf
+
+    def release(self) -> None:
+        self._buf = None
+
+
+def _alias(buf: torch.Tensor) -> torch.Tensor:
+    """A new tensor object (not a view) over buf's storage: AccumulateGrad can adopt it as .grad."""
+    return buf.new_empty(0).set_(buf.untyped_storage(), 0, buf.shape, buf.stride())
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, grad_buffer):
+        ctx.save_for_backward(x, weight)
+        ctx.grad_buffer, ctx.has_bias = grad_buffer, bias is not None
+        return F.linear(x, weight, bias)  # (..., out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        dx = dy2.mm(weight).view(x.shape) if need[0] else None  # (..., in)
+        dw = None
+        if need[1]:
+            buf = ctx.grad_buffer.take(weight)  # (out, in)
+            torch.mm(dy2.t(), x.reshape(-1, x.shape[-1]), out=buf)
+            dw = _alias(buf)
+        db = dy2.sum(0) if ctx.has_bias and need[2] else None  # (out,)
+        return dx, dw, db, None
+
+
+def _fast(module: nn.Module, x: torch.Tensor) -> bool:
+    w = module.weight
+    return (type(module) is nn.Linear and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and w.requires_grad and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+def linear(module: nn.Module, x: torch.Tensor, grad_buffer: GradBuffer) -> torch.Tensor:
+    """module(x), with the weight gradient written into grad_buffer when module is a plain Linear (see above)."""
+    if not _fast(module, x):
+        return module(x)
+    return _Linear.apply(x, module.weight, module.bias, grad_buffer)
+
+
+def release_grad_buffers(model: nn.Module) -> None:
+    """Frees every GradBuffer of model's modules (e.g. before evaluation, when the gradients are gone)."""
+    for m in model.modules():
+        for value in vars(m).values():
+            for buf in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(buf, GradBuffer):
+                    buf.release()
