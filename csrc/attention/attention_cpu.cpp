@@ -2,6 +2,8 @@
 //
 // dtypes: float32 and bfloat16/float16 (converted to fp32 copies first: every GEMM, softmax and gradient sum is
 //   fp32; extra memory stays linear in T). Layouts, masks and the dropout hash: see attention.h.
+// Strides: every tensor has its own batch/head/row strides (Lay; the head dim contiguous), so q, k, v may be
+//   views of one QKV projection; out, dq, dk, dv are allocated like their inputs (empty_heads).
 // GEMMs: Q K^T and dO V^T (depth D) call torch's BLAS sgemm (mm_bt). The products whose B operand has row-
 //   contiguous rows, P V, Pd^T dO, dS K and dS^T Q (depth: the tile's keys or rows), run on the register-tiled
 //   AVX-512 kernel of tile_gemm.h in AVX-512 builds (no operand packing; BLAS elsewhere), see mm. Score tiles have
