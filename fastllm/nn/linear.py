@@ -7,7 +7,9 @@ faults per step. GradBuffer keeps a weight's last gradient buffer and writes the
 nothing else uses it, the way PyTorch's CUDA caching allocator recycles device memory.
 
 Invariants:
-- linear(module, x, buffer) equals module(x) (the same F.linear forward and the same gradient products).
+- linear(module, x, buffer) equals module(x) (the same F.linear forward and the same gradient products);
+  gelu_linear(module, u, buffer, approximate) equals module(F.gelu(u)) and saves u only: the backward recomputes
+  the activation (one elementwise pass) instead of keeping a tensor of u's size per layer.
 - A buffer is reused only when its storage has no other user (the previous .grad was dropped and no tensor shares
   it); otherwise a new one is allocated, so a gradient someone kept is never overwritten. With gradient
   accumulation (.grad still set), AccumulateGrad adds the new gradient into .grad as usual.
@@ -83,6 +85,36 @@ class _Linear(torch.autograd.Function):
         return dx, dw, db, None
 
 
+class _GeluLinear(torch.autograd.Function):
+    """module(gelu(u)) saving u only: the backward recomputes gelu(u) (one elementwise pass) instead of keeping
+    the activation, a tensor of u's size per layer (GELU's own node saves u anyway)."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, grad_buffer, approximate):
+        ctx.save_for_backward(u, weight)
+        ctx.grad_buffer, ctx.has_bias, ctx.approximate = grad_buffer, bias is not None, approximate
+        return F.linear(F.gelu(u, approximate=approximate), weight, bias)  # (..., out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        u, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        dw = None
+        if need[1]:
+            a = F.gelu(u, approximate=ctx.approximate).reshape(-1, u.shape[-1])  # (N, in), recomputed
+            buf = ctx.grad_buffer.take(weight)  # (out, in)
+            torch.mm(dy2.t(), a, out=buf)
+            dw, a = _alias(buf), None
+        db = dy2.sum(0) if ctx.has_bias and need[2] else None  # (out,)
+        du = None
+        if need[0]:
+            da = dy2.mm(weight).view(u.shape)  # (..., in)
+            du = torch.ops.aten.gelu_backward(da, u, approximate=ctx.approximate)
+        return du, dw, db, None, None
+
+
 def _fast(module: nn.Module, x: torch.Tensor) -> bool:
     w = module.weight
     return (type(module) is nn.Linear and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
@@ -95,6 +127,13 @@ def linear(module: nn.Module, x: torch.Tensor, grad_buffer: GradBuffer) -> torch
     if not _fast(module, x):
         return module(x)
     return _Linear.apply(x, module.weight, module.bias, grad_buffer)
+
+
+def gelu_linear(module: nn.Module, u: torch.Tensor, grad_buffer: GradBuffer, approximate: str = "none"):
+    """module(F.gelu(u, approximate)); on the fast path the activation is recomputed in the backward, not saved."""
+    if not _fast(module, u):
+        return module(F.gelu(u, approximate=approximate))
+    return _GeluLinear.apply(u, module.weight, module.bias, grad_buffer, approximate)
 
 
 def release_grad_buffers(model: nn.Module) -> None:

@@ -5,7 +5,8 @@ Invariants:
   swiglu splits fc_in's output into (gate, up) halves and returns fc_out(silu(gate) * up) (Shazeer 2020),
   so fc_in has 2 * intermediate outputs.
 - Dropout (hidden dropout) is applied by the enclosing block, not here.
-- fc_in and fc_out run through fastllm.nn.linear.linear: their weight gradients reuse a buffer across steps.
+- fc_in and fc_out run through fastllm.nn.linear: their weight gradients reuse a buffer across steps, and with
+  GELU the activation is recomputed in the backward from fc_in's output instead of being saved (gelu_linear).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastllm.nn.linear import GradBuffer, linear
+from fastllm.nn.linear import GradBuffer, gelu_linear, linear
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}  # F.gelu's approximate=
 
 
 def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -41,5 +43,7 @@ class MLP(nn.Module):
         self._grad_in, self._grad_out = GradBuffer(), GradBuffer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = activate(linear(self.fc_in, x, self._grad_in), self.activation)  # (B, T, I)
-        return linear(self.fc_out, h, self._grad_out)  # (B, T, H)
+        u = linear(self.fc_in, x, self._grad_in)  # (B, T, I)
+        if self.activation in GELU_FORMS:  # the activation is recomputed in the backward, not saved
+            return gelu_linear(self.fc_out, u, self._grad_out, GELU_FORMS[self.activation])  # (B, T, H)
+        return linear(self.fc_out, activate(u, self.activation), self._grad_out)  # (B, T, H)

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastllm.models import GPT, BertForPreTraining
@@ -93,3 +94,25 @@ def test_models_train_the_same_with_buffers_and_release_them(model_cls, monkeypa
     copy.deepcopy(model), pickle.loads(pickle.dumps(model))  # buffers are not copied
     release_grad_buffers(model)
     assert all(b._buf is None for m in model.modules() for b in vars(m).get("_grads", {}).values())
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_linear_recomputes_the_activation_instead_of_saving_it(approximate):
+    from fastllm.nn.linear import gelu_linear
+
+    lin, u = _layer(), torch.randn(3, 5, 12)
+
+    def run(fast: bool):
+        lin.zero_grad(set_to_none=True)
+        uu = u.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = gelu_linear(lin, uu, GradBuffer(), approximate) if fast else lin(F.gelu(uu, approximate=approximate))
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).cos()).sum().backward()
+        activations = sum(n for n in saved if n == u.numel())  # tensors of u's size (not weights, not biases)
+        return [y, uu.grad, lin.weight.grad, lin.bias.grad], activations
+
+    (got, saved_fast), (want, saved_plain) = run(True), run(False)
+    for g, w in zip(got, want):  # the same products, the activation recomputed bit for bit: fp32 GEMM rounding
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert saved_fast == u.numel() and saved_plain == 2 * u.numel()  # u only, against u and gelu(u)
