@@ -62,6 +62,18 @@ def _alias(buf: torch.Tensor) -> torch.Tensor:
     return buf.new_empty(0).set_(buf.untyped_storage(), 0, buf.shape, buf.stride())
 
 
+def _param_grads(ctx, dy2: torch.Tensor, inputs, weight: torch.Tensor):
+    """(d weight into the reused buffer, d bias) of y = inputs() @ weight.T + bias, each None when not needed.
+    inputs is called only when d weight is needed (the GELU variant recomputes them)."""
+    need, dw = ctx.needs_input_grad, None
+    if need[1]:
+        buf = ctx.grad_buffer.take(weight)  # (out, in)
+        torch.mm(dy2.t(), inputs(), out=buf)  # (out, N) @ (N, in)
+        dw = _alias(buf)
+    db = dy2.sum(0) if ctx.has_bias and need[2] else None  # (out,)
+    return dw, db
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, grad_buffer):
@@ -73,15 +85,9 @@ class _Linear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        dx = dy2.mm(weight).view(x.shape) if need[0] else None  # (..., in)
-        dw = None
-        if need[1]:
-            buf = ctx.grad_buffer.take(weight)  # (out, in)
-            torch.mm(dy2.t(), x.reshape(-1, x.shape[-1]), out=buf)
-            dw = _alias(buf)
-        db = dy2.sum(0) if ctx.has_bias and need[2] else None  # (out,)
+        dw, db = _param_grads(ctx, dy2, lambda: x.reshape(-1, x.shape[-1]), weight)
+        dx = dy2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None  # (..., in)
         return dx, dw, db, None
 
 
@@ -99,17 +105,13 @@ class _GeluLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         u, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        dw = None
-        if need[1]:
-            a = F.gelu(u, approximate=ctx.approximate).reshape(-1, u.shape[-1])  # (N, in), recomputed
-            buf = ctx.grad_buffer.take(weight)  # (out, in)
-            torch.mm(dy2.t(), a, out=buf)
-            dw, a = _alias(buf), None
-        db = dy2.sum(0) if ctx.has_bias and need[2] else None  # (out,)
+        def recompute():
+            return F.gelu(u, approximate=ctx.approximate).reshape(-1, u.shape[-1])  # (N, in)
+
+        dw, db = _param_grads(ctx, dy2, recompute, weight)
         du = None
-        if need[0]:
+        if ctx.needs_input_grad[0]:
             da = dy2.mm(weight).view(u.shape)  # (..., in)
             du = torch.ops.aten.gelu_backward(da, u, approximate=ctx.approximate)
         return du, dw, db, None, None

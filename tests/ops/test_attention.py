@@ -225,7 +225,7 @@ def test_cpu_reads_projection_views_and_returns_their_layout(dtype, hkv, causal,
     BLAS call with another leading dimension, 1e-6 relative), and merging heads back is a view."""
     q, k, v = _projection_views(2, 4, hkv, 33, 16, dtype)
     dout = torch.randn(2, 33, 4, 16).to(dtype).transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory
-    kw = dict(causal=causal, dropout_p=p, generator_seed=5, backend="cpu")
+    kw = {"causal": causal, "dropout_p": p, "generator_seed": 5, "backend": "cpu"}
     got = _run(lambda *a: attention(*a, **kw), q, k, v, dout)
     want = _run(lambda *a: attention(*(x.contiguous() for x in a), **kw), q, k, v, dout.contiguous())
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
