@@ -1,10 +1,11 @@
 """Linear layers whose weight gradient is written into a buffer reused across training steps (CPU).
 
 Why: optimizer.zero_grad() (set_to_none=True, torch's default) frees every .grad after a step, so each backward
-writes its weight gradients into newly allocated memory. On CPU, blocks that large come from the kernel a page at
-a time (one page fault per 4 KiB on first touch, ~1 us each): for BERT-base's Linear weights that is ~340 MB of
-faults per step. GradBuffer keeps a weight's last gradient buffer and writes the next gradient into it once
-nothing else uses it, the way PyTorch's CUDA caching allocator recycles device memory.
+writes its weight gradients into newly allocated memory (~340 MB for BERT-base's Linear weights). On CPU, memory
+that malloc returned to the kernel comes back a page at a time (a page fault per 4 KiB on first touch, ~1 us each).
+GradBuffer keeps a weight's last gradient buffer and writes the next gradient into it once nothing else uses it,
+the way PyTorch's CUDA caching allocator recycles device memory. Measured: bert-base steps 0.95-0.96x the time
+(benchmarks/RESULTS.md); how much of that is page faults is not separated (glibc's heap trimming varies by run).
 
 Invariants:
 - linear(module, x, buffer) equals module(x) (the same F.linear forward and the same gradient products);
