@@ -29,7 +29,7 @@ from fastllm.nn.blocks import BlockSpec, TransformerBlock
 from fastllm.nn.dropout import Dropout
 from fastllm.nn.embeddings import Embeddings
 from fastllm.nn.heads import ClassLoss, Pooler, PredictionTransform, VocabLoss, masked_rows
-from fastllm.nn.tied import TiedGrad, plain_embedding
+from fastllm.nn.tied import TiedGrad
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -164,8 +164,8 @@ class _MLMHead(nn.Module):
         else:
             rows, target = masked_rows(seq, labels)  # (M, H), (M,)
         w = self.decoder_weight  # (V, H)
-        if self._tied is not None and plain_embedding(self._words[0]):
-            w = self._tied.head_weight(w)
+        if self._tied is not None:
+            w = self._tied.head_weight(w, self._words[0])
         return self.loss(self.transform(rows), w, target, self.bias)
 
 

@@ -25,7 +25,6 @@ from fastllm.nn._kernels import apply_norm, make_layer_norm
 from fastllm.nn.blocks import BlockSpec, TransformerBlock
 from fastllm.nn.embeddings import Embeddings, RotaryEmbedding
 from fastllm.nn.heads import VocabLoss
-from fastllm.nn.tied import plain_embedding
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -68,9 +67,7 @@ class GPT(nn.Module):
         """output_weight for the loss; tied, it shares its gradient buffer with the lookup (fastllm.nn.tied).
         A pipeline's last stage holds the weight in a TiedHolder, without a TiedGrad: then the plain weight."""
         tied = getattr(self.embeddings, "tied", None) if self.lm_head is None else None
-        if tied is None or not plain_embedding(self.embeddings.word):
-            return self.output_weight  # (V, H)
-        return tied.head_weight(self.output_weight)  # (V, H)
+        return self.output_weight if tied is None else tied.head_weight(self.output_weight, self.embeddings.word)
 
     def _positions(self, input_ids, position_ids, past_length: int):
         if position_ids is not None:

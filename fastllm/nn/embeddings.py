@@ -21,7 +21,7 @@ from torch import nn
 
 from fastllm.nn._kernels import apply_norm, make_layer_norm
 from fastllm.nn.dropout import Dropout
-from fastllm.nn.tied import TiedGrad, plain_embedding
+from fastllm.nn.tied import TiedGrad
 
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "none")
 
@@ -94,10 +94,7 @@ class Embeddings(nn.Module):
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         """word(input_ids) (B, T, H); through the TiedGrad when the weight is tied to an output head."""
-        w = self.word
-        if self.tied is None or not plain_embedding(w):
-            return w(input_ids)
-        return self.tied.lookup(w.weight, input_ids, w.padding_idx)
+        return self.word(input_ids) if self.tied is None else self.tied.lookup(self.word, input_ids)
 
     def check(self, input_ids, token_type_ids=None, position_ids=None, past_length: int = 0) -> None:
         """Errors naming the argument for out-of-range ids or a sequence longer than max_positions."""

@@ -3,9 +3,9 @@
 A tied weight W (the input lookup and the output head) gets two gradients per backward: the head's dense (V, H)
 one (from linear_cross_entropy) and the lookup's rows. Plain autograd materializes the lookup's as a second
 dense (V, H) tensor (a zero fill and a scatter), then adds the two: two extra passes over V * H floats and a
-second buffer of that size. TiedGrad avoids both: `head_weight(W)` passes W through an identity whose backward
-hands the head's gradient buffer to TiedGrad, and `lookup(W, ids)` adds its rows into that buffer in place and
-returns no gradient of its own. The sum autograd would form is formed in place instead.
+second buffer of that size. TiedGrad avoids both: `head_weight(W, embedding)` passes W through an identity whose
+backward hands the head's gradient buffer to TiedGrad, and `lookup(embedding, ids)` adds its rows into that buffer
+in place and returns no gradient of its own. The sum autograd would form is formed in place instead.
 
 Invariants:
 - Within one backward (graph task) the head's gradient reaches TiedGrad before the lookup's backward runs:
@@ -17,8 +17,9 @@ Invariants:
 - The buffer reference is dropped when the lookup takes it, and at the end of the graph task in any case, so
   AccumulateGrad can adopt the buffer as W.grad without a copy and nothing of size V * H outlives a backward.
 - padding_idx rows get no gradient (as F.embedding). Only used eagerly: under torch.compile, or when W needs no
-  gradient, both calls are the plain F.embedding / W. Models use it only while the lookup is a plain
-  nn.Embedding (plain_embedding); head_weight returns an alias of W, without W's Python attributes.
+  gradient, both calls are the plain embedding(ids) / W. Both calls take the embedding module and act only while
+  it is a plain nn.Embedding (plain_embedding): a vocabulary-parallel shard, say, keeps its own lookup and its head
+  the plain weight. head_weight returns an alias of W, without W's Python attributes.
 """
 from __future__ import annotations
 
@@ -62,15 +63,15 @@ class TiedGrad:
     def _active(self, weight: torch.Tensor) -> bool:
         return weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
-    def head_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W for the output head; its gradient is handed to the lookup (see the module doc)."""
-        return _HandOver.apply(weight, self) if self._active(weight) else weight
+    def head_weight(self, weight: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
+        """W (embedding's weight) for the output head; its gradient is handed to the lookup (see the module doc)."""
+        return _HandOver.apply(weight, self) if plain_embedding(embedding) and self._active(weight) else weight
 
-    def lookup(self, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
-        """F.embedding(ids, W, padding_idx) whose weight gradient is added into the head's buffer."""
-        if not self._active(weight):
-            return F.embedding(ids, weight, padding_idx)
-        return _Lookup.apply(weight, ids, self, padding_idx)
+    def lookup(self, embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """embedding(ids), whose weight gradient is added into the head's buffer when embedding is plain."""
+        if not plain_embedding(embedding) or not self._active(embedding.weight):
+            return embedding(ids)
+        return _Lookup.apply(embedding.weight, ids, self, embedding.padding_idx)
 
     def give(self, grad: torch.Tensor) -> None:
         """Keeps a weak reference only: while autograd holds the buffer alone, it may add other gradients of W

@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fastllm.nn.tied as tied_mod
 from fastllm.models import GPT, BertForPreTraining
@@ -33,13 +34,16 @@ def takes(monkeypatch):
 def _grad(use_tie: bool, extra: str | None = None, padding_idx=0, retain: bool = False):
     """W.grad of a tied lookup + linear_cross_entropy head; extra adds a third use of W before/after."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(V, H, generator=g).requires_grad_()
+    emb = nn.Embedding(V, H, padding_idx=padding_idx)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(V, H, generator=g))
+    w = emb.weight
     ids = torch.randint(0, V, (3, 5), generator=g)  # (B, T)
     ids[0, :2] = padding_idx if padding_idx is not None else 1  # repeated ids, and the padding row
     labels = torch.randint(0, V, (15,), generator=g)  # (B*T,)
     tie = TiedGrad()
-    x = tie.lookup(w, ids, padding_idx) if use_tie else F.embedding(ids, w, padding_idx)  # (B, T, H)
-    loss = linear_cross_entropy(torch.tanh(x).reshape(-1, H), tie.head_weight(w) if use_tie else w, labels)
+    x = tie.lookup(emb, ids) if use_tie else F.embedding(ids, w, padding_idx)  # (B, T, H)
+    loss = linear_cross_entropy(torch.tanh(x).reshape(-1, H), tie.head_weight(w, emb) if use_tie else w, labels)
     if extra == "after":
         loss = loss + 0.1 * (w ** 2).sum()
     if extra == "before":
@@ -76,17 +80,21 @@ def test_retain_graph_falls_back_then_reuses(takes):
 
 
 def test_double_backward_and_no_grad_use_the_plain_paths(takes):
-    w = torch.randn(V, H, requires_grad=True)
+    emb = nn.Embedding(V, H)
+    w = emb.weight
     ids = torch.randint(0, V, (2, 3))
     tie = TiedGrad()
     with torch.no_grad():
-        assert tie.head_weight(w) is w
-        torch.testing.assert_close(tie.lookup(w, ids), F.embedding(ids, w))
-    x = tie.lookup(w, ids)
-    (g,) = torch.autograd.grad((x ** 2).sum() + (tie.head_weight(w) ** 2).sum(), w, create_graph=True)
+        assert tie.head_weight(w, emb) is w
+        torch.testing.assert_close(tie.lookup(emb, ids), F.embedding(ids, w))
+    x = tie.lookup(emb, ids)
+    (g,) = torch.autograd.grad((x ** 2).sum() + (tie.head_weight(w, emb) ** 2).sum(), w, create_graph=True)
     torch.testing.assert_close(g, 2 * w + 2 * F.embedding(ids, w).new_zeros(V, H).index_add(
         0, ids.reshape(-1), F.embedding(ids, w).reshape(-1, H)))
     assert takes == [False]
+    sparse = nn.Embedding(V, H, sparse=True)  # not a plain embedding: its own lookup, the plain head weight
+    assert tie.lookup(sparse, ids).grad_fn.name() == "EmbeddingBackward0"
+    assert tie.head_weight(sparse.weight, sparse) is sparse.weight
 
 
 @pytest.mark.parametrize("model_cls", [BertForPreTraining, GPT])
