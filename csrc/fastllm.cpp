@@ -54,6 +54,11 @@ TORCH_LIBRARY(fastllm, m) {
   // Returns (grad_hidden, grad_weight, grad_bias); grad_bias is empty when bias is None.
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels,"
         " int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // linear_cross_entropy_fwd with compute_grad and reduction mean/sum (CPU, float32 weight), the weight gradient
+  // written into grad_weight ((V, H) fp32; its old values are overwritten) for a caller that reuses the buffer.
+  // Returns (loss, grad_hidden, grad_bias); grad_bias is empty when bias is None.
+  m.def("linear_cross_entropy_fwd_into(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+        " float label_smoothing, int reduction, int chunk_size, Tensor(a!) grad_weight) -> (Tensor, Tensor, Tensor)");
   // Dropout of a contiguous x (float32/float64/bfloat16/float16): y = keep ? x / (1 - p) : 0, the keep mask
   // a counter hash of (seed, flat index) (csrc/dropout/dropout.h). seed is a 0-d int64 CPU tensor, read on the
   // host, so a seed drawn inside a torch.compile graph needs no graph break. The backward is the same op on the

@@ -80,10 +80,26 @@ inline void check_reduction(int64_t reduction) {
                 "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// linear_cross_entropy_fwd_into: an fp32 weight, a (V, H) fp32 contiguous grad_weight beside it, mean or sum.
+inline void check_lce_into(const at::Tensor& weight, const at::Tensor& grad_weight, int64_t reduction) {
+  FASTLLM_CHECK(reduction == kCeMean || reduction == kCeSum,
+                "linear_cross_entropy_fwd_into needs reduction 1 (mean) or 2 (sum), got ", reduction);
+  FASTLLM_CHECK(weight.scalar_type() == at::kFloat, "linear_cross_entropy_fwd_into needs a float32 weight, got ",
+                weight.scalar_type());
+  FASTLLM_CHECK(grad_weight.scalar_type() == at::kFloat, "grad_weight must be float32, got ",
+                grad_weight.scalar_type());
+  FASTLLM_CHECK(grad_weight.sizes() == weight.sizes(), "grad_weight must have shape ", weight.sizes(), ", got ",
+                grad_weight.sizes());
+  FASTLLM_CHECK(grad_weight.device() == weight.device(), "grad_weight is on ", grad_weight.device(),
+                " but weight on ", weight.device());
+  CHECK_CONTIGUOUS(grad_weight);
+}
+
 // Host-side tensors of linear_cross_entropy over the M kept rows (shared by the CPU and CUDA kernels).
 struct LceTensors {
   at::Tensor h, labels, scale;  // (M, H), (M,), (M,) fp32 or undefined
   at::Tensor gh, gw, gb;        // (M, H) input dtype, (V, H) fp32, (V,) fp32; undefined when not wanted
+  bool gw_overwrite = false;    // gw holds stale values: the first chunk writes it (beta 0) instead of adding
 };
 
 // Indices of the rows whose label is not ignore_index; undefined when no row is ignored.
@@ -110,10 +126,10 @@ inline LceTensors gather_inputs(const at::Tensor& hidden, const at::Tensor& labe
   return t;
 }
 
-inline void alloc_grads(LceTensors& t, const at::Tensor& w, bool has_bias) {
+inline void alloc_grads(LceTensors& t, const at::Tensor& w, bool has_bias, bool with_gw = true) {
   auto f32 = w.options().dtype(at::kFloat);
   t.gh = at::empty_like(t.h);                   // (M, H)
-  t.gw = at::zeros({w.size(0), w.size(1)}, f32);  // (V, H)
+  if (with_gw) t.gw = at::zeros({w.size(0), w.size(1)}, f32);  // (V, H)
   if (has_bias) t.gb = at::zeros({w.size(0)}, f32);  // (V,)
 }
 

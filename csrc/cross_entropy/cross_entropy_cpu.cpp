@@ -13,6 +13,8 @@
 //   grad_h_c = G W (at::mm_out) and grad_W += G^T h_c, grad_b += sum_rows G (fp32 accumulators). At most
 //   C x V logits exist at once. The forward computes the gradients of the mean/sum loss (scale 1/count or 1);
 //   linear_cross_entropy_bwd recomputes them with per-row scales (reduction='none').
+//   linear_cross_entropy_fwd_into (CPU only, fp32 weight, mean/sum) is the forward with compute_grad whose
+//   grad_W goes into a caller's buffer: the first chunk writes it (beta-0 GEMM, no zero fill), later ones add.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -210,9 +212,11 @@ void ce_chunk(at::Tensor& lg, const ChunkArgs& a) {
   });
 }
 
-// grad_W += G^T h_c and grad_b += column sums of G, in fp32.
-void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensors& t) {
-  if (g.scalar_type() == at::kFloat) {
+// grad_W += G^T h_c (= on the first chunk into a stale buffer) and grad_b += column sums of G, in fp32.
+void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensors& t, bool first) {
+  if (first && t.gw_overwrite) {
+    at::mm_out(t.gw, g.t(), hc);  // (V, H) = (V, C) @ (C, H); fp32 only (checked by the _into op)
+  } else if (g.scalar_type() == at::kFloat) {
     t.gw.addmm_(g.t(), hc);  // (V, H) += (V, C) @ (C, H)
   } else {
     t.gw.addmm_(g.t().to(at::kFloat), hc.to(at::kFloat));  // no mixed-dtype GEMM on CPU: fp32 operands
@@ -224,7 +228,10 @@ void accumulate_param_grads(const at::Tensor& g, const at::Tensor& hc, LceTensor
 void lce_chunks(LceTensors& t, const at::Tensor& w, const std::optional<at::Tensor>& bias, ChunkArgs a,
                 int64_t chunk, float* loss) {
   const int64_t m = t.h.size(0), v = w.size(0);
-  if (m == 0) return;
+  if (m == 0) {
+    if (t.gw_overwrite) t.gw.zero_();  // no row: the gradient is zero
+    return;
+  }
   auto buf = at::empty({std::min(chunk, m), v}, t.h.options());  // (C, V), reused by every chunk
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t c = std::min(chunk, m - r0);
@@ -236,7 +243,7 @@ void lce_chunks(LceTensors& t, const at::Tensor& w, const std::optional<at::Tens
     if (!a.want_grad) continue;
     auto ghc = t.gh.narrow(0, r0, c);
     at::mm_out(ghc, lg, w);  // (c, H) = (c, V) @ (V, H)
-    accumulate_param_grads(lg, hc, t);
+    accumulate_param_grads(lg, hc, t, r0 == 0);
   }
 }
 
@@ -248,6 +255,18 @@ at::Tensor reduce_loss(const at::Tensor& loss_sel, const at::Tensor& idx, int64_
 
 at::Tensor empty_like_dtype(const at::Tensor& t) { return at::empty({0}, t.options()); }
 
+// The forward's chunk loop over the kept rows; t.gw (and t.gb) allocated by the caller when want_grad.
+at::Tensor lce_forward(LceTensors& t, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& idx, int64_t rows, double label_smoothing, int64_t reduction,
+                       int64_t chunk_size, bool want) {
+  const int64_t m = t.h.size(0);
+  auto loss_sel = at::empty({m}, t.h.options().dtype(at::kFloat));  // (M,)
+  const float scale0 = reduction == kCeMean && m > 0 ? 1.f / m : 1.f;
+  ChunkArgs a{t.labels.data_ptr<int64_t>(), nullptr, scale0, static_cast<float>(label_smoothing), want, nullptr};
+  lce_chunks(t, weight, bias, a, chunk_size, loss_sel.data_ptr<float>());
+  return reduce_loss(loss_sel, idx, rows, reduction);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t chunk_size,
@@ -257,17 +276,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   check_label_values(labels, v, ignore_index);
   const auto idx = kept_rows(labels, ignore_index);
   LceTensors t = gather_inputs(hidden, labels, idx);
-  const int64_t m = t.h.size(0);
   const bool want = compute_grad && reduction != kCeNone;
   if (want) alloc_grads(t, weight, bias.has_value());
-  auto loss_sel = at::empty({m}, hidden.options().dtype(at::kFloat));  // (M,)
-  const float scale0 = reduction == kCeMean && m > 0 ? 1.f / m : 1.f;
-  ChunkArgs a{t.labels.data_ptr<int64_t>(), nullptr, scale0, static_cast<float>(label_smoothing), want, nullptr};
-  lce_chunks(t, weight, bias, a, chunk_size, loss_sel.data_ptr<float>());
-  auto loss = reduce_loss(loss_sel, idx, rows, reduction);
+  auto loss = lce_forward(t, weight, bias, idx, rows, label_smoothing, reduction, chunk_size, want);
   if (!want) return {loss, empty_like_dtype(hidden), empty_like_dtype(hidden), empty_like_dtype(hidden)};
   auto gb = bias.has_value() ? t.gb.to(bias->scalar_type()) : empty_like_dtype(hidden);
   return {loss, scatter_rows(t.gh, idx, rows), t.gw.to(weight.scalar_type()), gb};
+}
+
+// linear_cross_entropy_fwd with compute_grad, the weight gradient written into grad_weight (fp32, stale values
+// overwritten) instead of a new zero-filled tensor: for a caller that reuses that buffer across steps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_into_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index, double label_smoothing, int64_t reduction, int64_t chunk_size,
+    at::Tensor& grad_weight) {
+  const auto [rows, hdim, v] = check_linear_cross_entropy(hidden, weight, bias, labels, label_smoothing, chunk_size);
+  check_lce_into(weight, grad_weight, reduction);
+  check_label_values(labels, v, ignore_index);
+  const auto idx = kept_rows(labels, ignore_index);
+  LceTensors t = gather_inputs(hidden, labels, idx);
+  alloc_grads(t, weight, bias.has_value(), /*with_gw=*/false);
+  t.gw = grad_weight, t.gw_overwrite = true;
+  auto loss = lce_forward(t, weight, bias, idx, rows, label_smoothing, reduction, chunk_size, true);
+  auto gb = bias.has_value() ? t.gb : empty_like_dtype(hidden);
+  return {loss, scatter_rows(t.gh, idx, rows), gb};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
@@ -297,6 +329,7 @@ TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cpu);
   m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cpu);
+  m.impl("linear_cross_entropy_fwd_into", &linear_cross_entropy_fwd_into_cpu);
 }
 
 }  // namespace fastllm

@@ -58,7 +58,7 @@ class GradBuffer:
         self._buf = None
 
 
-def _alias(buf: torch.Tensor) -> torch.Tensor:
+def grad_alias(buf: torch.Tensor) -> torch.Tensor:
     """A new tensor object (not a view) over buf's storage: AccumulateGrad can adopt it as .grad."""
     return buf.new_empty(0).set_(buf.untyped_storage(), 0, buf.shape, buf.stride())
 
@@ -70,7 +70,7 @@ def _param_grads(ctx, dy2: torch.Tensor, inputs, weight: torch.Tensor):
     if need[1]:
         buf = ctx.grad_buffer.take(weight)  # (out, in)
         torch.mm(dy2.t(), inputs(), out=buf)  # (out, N) @ (N, in)
-        dw = _alias(buf)
+        dw = grad_alias(buf)
     db = dy2.sum(0) if ctx.has_bias and need[2] else None  # (out,)
     return dw, db
 

@@ -12,6 +12,10 @@ Invariants:
   when None: see `auto_chunk_size`), so at most chunk x V logits exist. For mean/sum the forward also computes
   the gradients (grad_weight/grad_bias accumulated in fp32) and the backward only scales them by grad_output;
   for 'none' the backward recomputes them chunk by chunk with per-row scales.
+- linear_cross_entropy_into (no autograd; the cpu backend, fp32, mean/sum) returns (loss, grad_hidden, grad_bias)
+  of the same computation and writes grad_weight into a caller's (V, H) buffer, old values overwritten: for a
+  caller that reuses that buffer across steps (fastllm.nn.heads.VocabLoss), since a fresh (V, H) tensor is
+  page-faulted in and zero-filled on every call on CPU.
 - Backends (fastllm.ops.backends): reference (fastllm.ops.reference), cpu/cuda (torch.ops.fastllm.*, in
   csrc/cross_entropy/), triton (fastllm.kernels.cross_entropy). float64 runs on reference only.
 - The dispatcher ops have fake kernels and autograd formulas registered here: they work under
@@ -27,7 +31,7 @@ from fastllm import _ext
 from fastllm.ops import backends, reference
 from fastllm.ops._checks import check_float, check_like
 
-__all__ = ["auto_chunk_size", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["auto_chunk_size", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_into"]
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # the at::Reduction values the kernels take
 
@@ -106,7 +110,7 @@ def _row_grads(ctx, dloss, labels):
     return rows.contiguous()
 
 
-def _is_one(dloss: torch.Tensor) -> bool:
+def grad_is_one(dloss: torch.Tensor) -> bool:
     """dloss == 1 exactly. Eager only (one tiny read, a sync on GPU): when traced (torch.compile, AOT dispatch,
     fake or functional tensor subclasses) the value is unknown and the gradients are always multiplied."""
     if torch.compiler.is_compiling() or type(dloss) is not torch.Tensor or dloss.numel() != 1:
@@ -120,7 +124,7 @@ def _make_lce_backward(bwd_op):
             return (None,) * 9
         if ctx.precomputed:
             gh, gw, gb = ctx.saved_tensors
-            if not _is_one(dloss):  # a plain loss.backward() passes 1: skip a (V, H) multiply and its copy
+            if not grad_is_one(dloss):  # a plain loss.backward() passes 1: skip a (V, H) multiply and its copy
                 dl = dloss.float()
                 gh, gw, gb = (gh * dl).to(gh.dtype), (gw * dl).to(gw.dtype), (gb * dl).to(gb.dtype)
             return gh, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
@@ -138,6 +142,14 @@ def register_lce(fwd_name: str, bwd_name: str, bwd_op) -> None:
     torch.library.register_autograd(fwd_name, _make_lce_backward(bwd_op), setup_context=_lce_setup_context)
 
 
+def _lce_into_fake(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_size,
+                   grad_weight):
+    gb = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), gb
+
+
+if _ext.load().loaded and hasattr(torch.ops.fastllm, "linear_cross_entropy_fwd_into"):
+    torch.library.register_fake("fastllm::linear_cross_entropy_fwd_into")(_lce_into_fake)
 if _ext.load().loaded and hasattr(torch.ops.fastllm, "cross_entropy_fwd"):
     register_ce("fastllm::cross_entropy_fwd", "fastllm::cross_entropy_bwd", torch.ops.fastllm.cross_entropy_bwd)
     register_lce("fastllm::linear_cross_entropy_fwd", "fastllm::linear_cross_entropy_bwd",
@@ -278,3 +290,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                              int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], int(chunk),
                              _wants_grad(hidden, weight, bias))
     return loss.to(hidden.dtype)
+
+
+def _check_into(hidden, weight, grad_weight, reduction) -> None:
+    if hidden.device.type != "cpu" or weight.dtype != torch.float32:
+        raise ValueError(f"linear_cross_entropy_into runs on CPU float32 only, got {weight.dtype} on {hidden.device}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy_into needs reduction 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(grad_weight, torch.Tensor) or grad_weight.dtype != torch.float32 \
+            or grad_weight.shape != weight.shape or not grad_weight.is_contiguous():
+        got = tuple(grad_weight.shape) if isinstance(grad_weight, torch.Tensor) else type(grad_weight).__name__
+        raise ValueError(f"grad_weight must be a contiguous float32 tensor of shape {tuple(weight.shape)}, "
+                         f"got {got}")
+
+
+@torch.no_grad()
+def linear_cross_entropy_into(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              grad_weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+                              ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                              chunk_size: int | None = None):
+    """(loss, d loss / d hidden, d loss / d bias or None) of linear_cross_entropy, with d loss / d weight written
+    into grad_weight (V, H) (old values overwritten). No autograd: the caller hands the gradients on."""
+    _check_lce_args(hidden, weight, labels, bias, ignore_index, label_smoothing, reduction, chunk_size)
+    _check_into(hidden, weight, grad_weight, reduction)
+    chunk = chunk_size or auto_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
+    loss, gh, gb = torch.ops.fastllm.linear_cross_entropy_fwd_into(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.contiguous(),
+        int(ignore_index), float(label_smoothing), REDUCTIONS[reduction], int(chunk), grad_weight)
+    return loss, gh, (gb if bias is not None else None)

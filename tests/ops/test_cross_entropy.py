@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm.ops import backends, cross_entropy, linear_cross_entropy, reference
+from fastllm.ops.cross_entropy import linear_cross_entropy_into
 from tests.ops.tolerance import assert_close_ratio, default_atol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -181,6 +182,74 @@ def test_chunked_equals_unchunked(backend):
             torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
 
 
+def _into_case(n=40, v=300, hdim=24, frac=0.2, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    h, w, b = torch.randn(n, hdim, generator=g), torch.randn(v, hdim, generator=g), torch.randn(v, generator=g)
+    return h, w, b, _labels(n, v, frac, -100, g, "cpu")
+
+
+@pytest.mark.skipif("cpu" not in _cpu_backends("linear_cross_entropy"), reason="the C++ extension did not build")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [None, 3, 7])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_into_equals_autograd_gradients_whatever_the_buffer_held(reduction, chunk, with_bias):
+    """The same kernel, except that the first chunk writes grad_weight (a beta-0 GEMM) where the autograd path
+    adds it into zeros: equal up to the order of fp32 sums inside the GEMMs (rtol 1e-5). The buffer starts as
+    NaN, so a stale entry that was added to instead of overwritten would show."""
+    h, w, b, labels = _into_case()
+    b = b if with_bias else None
+    kw = {"label_smoothing": 0.1, "reduction": reduction, "chunk_size": chunk}
+    gw = torch.full_like(w, float("nan"))
+    loss, gh, gb = linear_cross_entropy_into(h, w, labels, gw, bias=b, **kw)
+    ref, (rgh, rgw, rgb) = _run(lambda h_, w_, b_: linear_cross_entropy(h_, w_, labels, bias=b_, backend="cpu", **kw),
+                                [h, w, b], torch.ones(()))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for got, want in ((gh, rgh), (gw, rgw), (gb, rgb)):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in _cpu_backends("linear_cross_entropy"), reason="the C++ extension did not build")
+def test_into_with_every_row_ignored_zeroes_the_buffer():
+    h, w, b, labels = _into_case(frac=1.0)
+    gw = torch.full_like(w, float("nan"))
+    loss, gh, gb = linear_cross_entropy_into(h, w, labels, gw, bias=b, reduction="sum")
+    assert float(loss) == 0.0
+    for t in (gh, gw, gb):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.skipif("cpu" not in _cpu_backends("linear_cross_entropy"), reason="the C++ extension did not build")
+@pytest.mark.parametrize("change, match", [
+    (lambda a: {**a, "grad_weight": a["grad_weight"][:-1]}, "grad_weight must be a contiguous float32"),
+    (lambda a: {**a, "grad_weight": a["grad_weight"].double()}, "grad_weight must be a contiguous float32"),
+    (lambda a: {**a, "grad_weight": a["grad_weight"].t().contiguous().t()}, "grad_weight must be a contiguous"),
+    (lambda a: {**a, "grad_weight": "buffer"}, "got str"),
+    (lambda a: {**a, "reduction": "none"}, "reduction 'mean' or 'sum'"),
+    (lambda a: {**a, "weight": a["weight"].half(), "hidden": a["hidden"].half()}, "CPU float32 only"),
+])
+def test_into_bad_arguments(change, match):
+    h, w, b, labels = _into_case()
+    args = change({"hidden": h, "weight": w, "labels": labels, "grad_weight": torch.empty_like(w),
+                   "reduction": "mean"})
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy_into(**args)
+
+
+@pytest.mark.skipif("cpu" not in _cpu_backends("linear_cross_entropy"), reason="the C++ extension did not build")
+def test_into_cpp_checks_name_the_argument():
+    h, w, b, labels = _into_case()
+    op = torch.ops.fastllm.linear_cross_entropy_fwd_into
+    with pytest.raises(RuntimeError, match="grad_weight must have shape"):
+        op(h, w, b, labels, -100, 0.0, 1, 8, torch.empty(3, 24))
+    with pytest.raises(RuntimeError, match="reduction 1 \\(mean\\) or 2 \\(sum\\)"):
+        op(h, w, b, labels, -100, 0.0, 0, 8, torch.empty_like(w))
+    with pytest.raises(RuntimeError, match="grad_weight must be float32"):
+        op(h, w, b, labels, -100, 0.0, 1, 8, torch.empty_like(w, dtype=torch.float64))
+
+
 def test_auto_chunk_size_bounds_the_logits():
     from fastllm.ops.cross_entropy import auto_chunk_size
 
@@ -302,6 +371,10 @@ def test_opcheck_native():
     ops = torch.ops.fastllm
     _opcheck_all(ops.cross_entropy_fwd.default, ops.cross_entropy_bwd.default,
                  ops.linear_cross_entropy_fwd.default, ops.linear_cross_entropy_bwd.default)
+    (h, w, b), labels = _opcheck_inputs()  # the _into op has no autograd formula: inputs without grad
+    for red, bias in ((1, b.detach()), (2, None)):
+        torch.library.opcheck(ops.linear_cross_entropy_fwd_into.default,
+                              (h.detach(), w.detach(), bias, labels, -100, 0.1, red, 4, torch.empty_like(w.detach())))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
