@@ -61,7 +61,9 @@ class _BufferedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, options: dict, grad_buffer: GradBuffer):
         gw = grad_buffer.take(weight)  # (V, H), nothing else holds it
         loss, gh, gb = linear_cross_entropy_into(hidden, weight, labels, gw, bias=bias, **options)
-        ctx.save_for_backward(gh, gw, gb)
+        # An alias, not gw itself: the saved tensor then counts as a second user of the storage, so a forward
+        # before this backward (micro-batches, a second loss term) takes a new buffer instead of overwriting it.
+        ctx.save_for_backward(gh, grad_alias(gw), gb)
         return loss  # () fp32
 
     @staticmethod

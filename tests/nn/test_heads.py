@@ -84,6 +84,22 @@ def test_gradient_accumulation_and_retain_graph_add_up():
     _close([t.grad for t in leaves], [2 * g for g in want])
 
 
+def test_several_forwards_before_their_backwards_keep_their_gradients():
+    """Pipeline micro-batches or two loss terms: a second forward must not reuse the buffer that the first one's
+    backward still has to hand over."""
+    (h, w, b), labels = _leaves()
+    _, labels2 = _leaves(seed=1)
+    fast, plain = VocabLoss(), _plain()
+    want = [g.clone() for g in _step(plain, [h, w, b], labels)]
+    want2 = [g.clone() for g in _step(plain, [h, w, b], labels2)]
+    for t in (h, w, b):
+        t.grad = None
+    first, second = fast(h, w, labels, b), fast(h, w, labels2, b)
+    second.backward()
+    first.backward()
+    _close([t.grad for t in (h, w, b)], [x + y for x, y in zip(want, want2)])
+
+
 def test_falls_back_without_grad_or_in_other_dtypes():
     (h, w, b), labels = _leaves()
     fast = VocabLoss()
