@@ -231,7 +231,7 @@ def test_into_with_every_row_ignored_zeroes_the_buffer():
     (lambda a: {**a, "weight": a["weight"].half(), "hidden": a["hidden"].half()}, "CPU float32 only"),
 ])
 def test_into_bad_arguments(change, match):
-    h, w, b, labels = _into_case()
+    h, w, _, labels = _into_case()
     args = change({"hidden": h, "weight": w, "labels": labels, "grad_weight": torch.empty_like(w),
                    "reduction": "mean"})
     with pytest.raises(ValueError, match=match):
