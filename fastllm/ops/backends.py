@@ -105,11 +105,14 @@ def _env_request(op: str, spec: str) -> str:
 
 @torch.compiler.assume_constant_result  # a pure function of its arguments and the environment at build time
 def select(op: str, device, requested: str = "auto") -> str:
-    """The backend that runs `op` on `device`: `requested`, or for 'auto' FASTLLM_KERNELS, else the fastest."""
-    return _select(op, _device_type(device), requested, os.environ.get("FASTLLM_KERNELS", ""))
+    """The backend that runs `op` on `device`: `requested`, or for 'auto' FASTLLM_KERNELS, else the fastest.
+    The environment is read only for 'auto': modules pass the name they resolved at build time, so their
+    forward() never reads it."""
+    env = os.environ.get("FASTLLM_KERNELS", "") if requested == "auto" else ""
+    return _select(op, _device_type(device), requested, env)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _select(op: str, dev: str, requested: str, env: str) -> str:
     if requested == "auto":
         requested = _env_request(op, env)

@@ -57,3 +57,18 @@ def test_choice_is_logged_once(caplog):
         backends.select("layer_norm", "cpu", "reference")
         backends.select("layer_norm", "cpu", "reference")
     assert sum("uses the reference backend" in r.message for r in caplog.records) == 1
+
+
+def test_only_auto_reads_the_environment(monkeypatch):
+    """Modules pass the backend they resolved at build time; select() must not read FASTLLM_KERNELS for it
+    (ARCHITECTURE.md: no environment reads inside forward())."""
+    class Spy(dict):
+        def get(self, key, default=None):
+            if key == "FASTLLM_KERNELS":
+                raise LookupError("FASTLLM_KERNELS read")
+            return super().get(key, default)
+
+    monkeypatch.setattr(backends.os, "environ", Spy(backends.os.environ))
+    assert backends.select("layer_norm", "cpu", "reference") == "reference"
+    with pytest.raises(LookupError, match="FASTLLM_KERNELS read"):
+        backends.select("layer_norm", "cpu", "auto")
