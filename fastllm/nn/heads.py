@@ -90,8 +90,9 @@ class VocabLoss(KernelChoice):
 
     def _buffered(self, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
         """Eager fp32 CPU training on the cpu backend with a weight gradient: the GradBuffer path."""
-        return (self.backend["linear_cross_entropy"] == "cpu" and hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
-                and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fp32_cpu = hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
+        training = weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return (self.backend["linear_cross_entropy"] == "cpu" and fp32_cpu and training
                 and not torch.is_autocast_enabled("cpu"))
 
     def forward(self, hidden, weight, labels, bias=None, ignore_index: int = -100):
