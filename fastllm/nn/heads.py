@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from fastllm.nn._kernels import KernelChoice, apply_norm, make_layer_norm
 from fastllm.nn.linear import GradBuffer, grad_alias
 from fastllm.nn.mlp import activate
-from fastllm.ops.cross_entropy import grad_is_one, linear_cross_entropy, linear_cross_entropy_into
+from fastllm.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_into, scale_precomputed
 
 
 class Pooler(nn.Module):
@@ -70,9 +70,8 @@ class _BufferedLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dloss):
         gh, gw, gb = ctx.saved_tensors
-        gw = grad_alias(gw)  # a new tensor object: AccumulateGrad adopts it as .grad without a copy
-        if not grad_is_one(dloss):  # loss.backward() passes 1; anything else scales every gradient
-            gh, gw, gb = gh * dloss, gw * dloss, (None if gb is None else gb * dloss)
+        # gw as a new tensor object: AccumulateGrad adopts it as .grad without a copy
+        gh, gw, gb = scale_precomputed(dloss, gh, grad_alias(gw), gb)
         need = ctx.needs_input_grad
         return (gh if need[0] else None), (gw if need[1] else None), (gb if need[2] else None), None, None, None
 

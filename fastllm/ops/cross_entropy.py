@@ -110,7 +110,7 @@ def _row_grads(ctx, dloss, labels):
     return rows.contiguous()
 
 
-def grad_is_one(dloss: torch.Tensor) -> bool:
+def _is_one(dloss: torch.Tensor) -> bool:
     """dloss == 1 exactly. Eager only (one tiny read, a sync on GPU): when traced (torch.compile, AOT dispatch,
     fake or functional tensor subclasses) the value is unknown and the gradients are always multiplied."""
     if torch.compiler.is_compiling() or type(dloss) is not torch.Tensor or dloss.numel() != 1:
@@ -118,15 +118,21 @@ def grad_is_one(dloss: torch.Tensor) -> bool:
     return bool(dloss == 1)
 
 
+def scale_precomputed(dloss: torch.Tensor, *grads):
+    """The gradients a forward precomputed for d loss = 1, times dloss (each in its own dtype, None kept). A plain
+    loss.backward() passes exactly 1: then they are returned as they are, skipping a (V, H) multiply and copy."""
+    if _is_one(dloss):
+        return grads
+    dl = dloss.float()
+    return tuple(None if g is None else (g * dl).to(g.dtype) for g in grads)
+
+
 def _make_lce_backward(bwd_op):
     def backward(ctx, dloss, *_):
         if dloss is None:  # the loss itself is unused: every gradient is zero
             return (None,) * 9
         if ctx.precomputed:
-            gh, gw, gb = ctx.saved_tensors
-            if not grad_is_one(dloss):  # a plain loss.backward() passes 1: skip a (V, H) multiply and its copy
-                dl = dloss.float()
-                gh, gw, gb = (gh * dl).to(gh.dtype), (gw * dl).to(gw.dtype), (gb * dl).to(gb.dtype)
+            gh, gw, gb = scale_precomputed(dloss, *ctx.saved_tensors)
             return gh, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
         hidden, weight, bias, labels = ctx.saved_tensors
         gh, gw, gb = bwd_op(_row_grads(ctx, dloss, labels), hidden, weight, bias, labels, *ctx.args)
@@ -148,12 +154,11 @@ def _lce_into_fake(hidden, weight, bias, labels, ignore_index, label_smoothing, 
     return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), gb
 
 
-if _ext.load().loaded and hasattr(torch.ops.fastllm, "linear_cross_entropy_fwd_into"):
-    torch.library.register_fake("fastllm::linear_cross_entropy_fwd_into")(_lce_into_fake)
 if _ext.load().loaded and hasattr(torch.ops.fastllm, "cross_entropy_fwd"):
     register_ce("fastllm::cross_entropy_fwd", "fastllm::cross_entropy_bwd", torch.ops.fastllm.cross_entropy_bwd)
     register_lce("fastllm::linear_cross_entropy_fwd", "fastllm::linear_cross_entropy_bwd",
                  torch.ops.fastllm.linear_cross_entropy_bwd)
+    torch.library.register_fake("fastllm::linear_cross_entropy_fwd_into")(_lce_into_fake)  # no autograd: eager
 
 # ---- argument checks ----
 
