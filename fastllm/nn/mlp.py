@@ -21,10 +21,8 @@ GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}  # F.gelu's approximate=
 
 
 def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "gelu":
-        return F.gelu(x)
-    if kind == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
+    if kind in GELU_FORMS:
+        return F.gelu(x, approximate=GELU_FORMS[kind])
     if kind == "relu":
         return F.relu(x)
     gate, up = x.chunk(2, dim=-1)  # (..., I) each
