@@ -5,7 +5,8 @@ Invariants:
   attention_mask (B, T) 1/True = attend. Parameters are initialized as BERT: N(0, initializer_range) for
   Linear and Embedding weights, zero biases, LayerNorm (1, 0), a zero padding row.
 - BertForPreTraining / BertForMaskedLM with labels: the MLM head (dense + act + LayerNorm) runs only on rows
-  whose label != -100, then fastllm.ops.linear_cross_entropy with the tied word-embedding weight + decoder bias;
+  whose label != -100, then fastllm.ops.linear_cross_entropy with the decoder weight (the word embeddings unless
+  tie_word_embeddings=False) + decoder bias;
   prediction_logits / logits are None in training mode unless return_logits=True (eval mode computes them).
   In training mode the last encoder layer itself runs only on the rows the loss reads (query_rows: the masked
   positions and [CLS], ~16% of a batch): keys and values still cover every position, so loss and gradients
@@ -134,24 +135,41 @@ class _BertWithHead(nn.Module):
                 m.apply(lambda m: init_weights(m, self.config.initializer_range))
 
 
+def _tie(bert: BertModel, config: BertConfig) -> TiedGrad | None:
+    """The embeddings' TiedGrad when the MLM decoder is the word-embedding weight, else None."""
+    return bert.embeddings.tie_output() if config.tie_word_embeddings else None
+
+
 class _MLMHead(nn.Module):
-    """cls.predictions: transform + decoder with the tied embedding weight and its own bias."""
+    """cls.predictions: transform + decoder. Tied (config.tie_word_embeddings): the decoder is the word-embedding
+    weight plus this head's own (V,) bias. Untied: `decoder`, a Linear with its own weight and bias, as
+    transformers 5 builds it; `bias` then is a buffer holding HF's unused cls.predictions.bias (kept only so
+    that to_hf writes back exactly what from_hf read)."""
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding, tied: TiedGrad | None = None):
         super().__init__()
         self.transform = PredictionTransform(config.hidden_size, config.hidden_act, config.layer_norm_eps,
                                              config.kernels)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        if config.tie_word_embeddings:
+            self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+            self.decoder = None
+        else:
+            self.register_buffer("bias", torch.zeros(config.vocab_size))
+            self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.loss = VocabLoss(kernels=config.kernels)
         self._words = [word_embeddings]  # a list: the tied weight is owned (and saved) by the embeddings
-        self._tied = tied  # shares the decoder's gradient buffer with the lookup (fastllm.nn.tied)
+        self._tied = tied  # tied: shares the decoder's gradient buffer with the lookup (fastllm.nn.tied)
 
     @property
     def decoder_weight(self) -> torch.Tensor:
-        return self._words[0].weight  # (V, H)
+        return self._words[0].weight if self.decoder is None else self.decoder.weight  # (V, H)
+
+    @property
+    def decoder_bias(self) -> torch.Tensor:
+        return self.bias if self.decoder is None else self.decoder.bias  # (V,)
 
     def logits(self, seq: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.transform(seq), self.decoder_weight, self.bias)  # (B, T, V)
+        return F.linear(self.transform(seq), self.decoder_weight, self.decoder_bias)  # (B, T, V)
 
     def masked_loss(self, seq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -166,13 +184,13 @@ class _MLMHead(nn.Module):
         w = self.decoder_weight  # (V, H)
         if self._tied is not None:
             w = self._tied.head_weight(w, self._words[0])
-        return self.loss(self.transform(rows), w, target, self.bias)
+        return self.loss(self.transform(rows), w, target, self.decoder_bias)
 
 
 class BertForPreTraining(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.mlm = _MLMHead(config, self.bert.embeddings.word, self.bert.embeddings.tie_output())
+        self.mlm = _MLMHead(config, self.bert.embeddings.word, _tie(self.bert, config))
         self.nsp = nn.Linear(config.hidden_size, 2)
         self.nsp_loss = ClassLoss(config.kernels)
         self._init_head()
@@ -197,7 +215,7 @@ class BertForMaskedLM(_BertWithHead):
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.mlm = _MLMHead(config, self.bert.embeddings.word, self.bert.embeddings.tie_output())
+        self.mlm = _MLMHead(config, self.bert.embeddings.word, _tie(self.bert, config))
         self._init_head()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,

@@ -74,6 +74,7 @@ class BertConfig(_Config):
     num_labels: int = 2
     classifier_dropout: float | None = None
     problem_type: str | None = None  # None: inferred as in HF (regression / single / multi label)
+    tie_word_embeddings: bool = True  # MLM decoder = word embeddings; False: its own (V, H) weight and bias
     kernels: str = "auto"
 
     def __post_init__(self):

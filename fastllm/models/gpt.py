@@ -121,3 +121,9 @@ class GPT(nn.Module):
             target = shift_labels(labels).reshape(-1)  # (B*T,)
             loss = self.loss_fn(y.reshape(-1, y.shape[-1]), self._loss_weight(), target)
         return ModelOutput(loss, logits, hidden, attns, presents, y)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(B, T) prompt -> (B, T + n) ids, as HF's model.generate: fastllm.models.generation.generate."""
+        from fastllm.models.generation import generate  # lazy: generation imports this module
+
+        return generate(self, input_ids, **kwargs)

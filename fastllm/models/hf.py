@@ -7,8 +7,11 @@ Invariants:
   (rows [q; k; v]); GPT-2's Conv1D weights (in, out) are transposed to Linear (out, in). to_hf inverts both.
 - Loading is strict: a checkpoint key that maps to nothing, or a model weight the checkpoint lacks, raises
   CheckpointError naming the keys (strict=False keeps the fresh init for missing head weights, e.g. a new
-  classifier on a BertModel checkpoint). Unsupported config values raise ConfigError naming the key.
-- Tied weights (decoder / lm_head = word embeddings) are written once, as transformers' save_pretrained does.
+  classifier on a BertModel checkpoint, and drops head weights the model has no use for, e.g. the MLM/NSP heads
+  of a pre-training checkpoint under a classifier; body weights must always match). Unsupported config values
+  raise ConfigError naming the key.
+- Tied weights (decoder / lm_head = word embeddings) are written once, as transformers' save_pretrained does;
+  tie_word_embeddings=False (BERT and GPT-2) loads and writes the decoder / lm_head as weights of their own.
 - safetensors and transformers are optional dependencies imported lazily here.
 """
 from __future__ import annotations
@@ -70,7 +73,7 @@ def bert_config_from_hf(d: dict, **overrides) -> BertConfig:
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     cfg = {k: _need(d, k, where) for k in keys}
     for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-              "initializer_range", "layer_norm_eps", "classifier_dropout", "problem_type"):
+              "initializer_range", "layer_norm_eps", "classifier_dropout", "problem_type", "tie_word_embeddings"):
         if k in d:
             cfg[k] = d[k]
     cfg["pad_token_id"] = d.get("pad_token_id") or 0
@@ -131,6 +134,7 @@ BERT_PAIRS = [
 BERT_HEAD_PAIRS = [
     ("cls.predictions.transform.dense.", "mlm.transform.dense."),
     ("cls.predictions.transform.LayerNorm.", "mlm.transform.norm."), ("cls.predictions.bias", "mlm.bias"),
+    ("cls.predictions.decoder.", "mlm.decoder."),
     ("cls.seq_relationship.", "nsp."), ("classifier.", "classifier."), ("qa_outputs.", "qa_outputs."),
 ]
 GPT_PAIRS = [
@@ -140,8 +144,10 @@ GPT_PAIRS = [
     ("h.{i}.mlp.c_proj.", "layers.{i}.mlp.fc_out."), ("ln_f.", "ln_f."),
 ]
 GPT_HEAD_PAIRS = [("lm_head.", "lm_head.")]
-# Keys that carry no weights of their own: buffers and tied copies of another weight.
-BERT_SKIP = re.compile(r"(^|\.)(position_ids|cls\.predictions\.decoder\.(weight|bias))$")
+HEAD_NAMES = tuple({ours.split(".")[0] + "." for _, ours in BERT_HEAD_PAIRS + GPT_HEAD_PAIRS})
+# Keys that carry no weights of their own: buffers (tied copies of another weight: _untie).
+BERT_SKIP = re.compile(r"(^|\.)position_ids$")
+BERT_DECODER = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 GPT_SKIP = re.compile(r"\.attn\.(bias|masked_bias)$")
 CONV1D = re.compile(r"\.(attn\.qkv|attn\.out|mlp\.fc_in|mlp\.fc_out)\.weight$")
 
@@ -262,6 +268,10 @@ def _build(d: dict, architecture: str, overrides: dict):
 def _load_state(model, mapped: dict, unknown: list[str], strict: bool) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(mapped))
+    unused_heads = sorted(k for k in set(mapped) - set(own) if k.startswith(HEAD_NAMES))
+    if unused_heads and not strict:  # e.g. a classifier built on a pre-training checkpoint: HF drops them too
+        log.warning("fastllm: %s does not use the checkpoint's head weights %s", type(model).__name__, unused_heads)
+        mapped = {k: v for k, v in mapped.items() if k not in unused_heads}
     unexpected = sorted(set(unknown) | (set(mapped) - set(own)))
     if unexpected:
         raise CheckpointError(f"checkpoint keys that match no weight of {type(model).__name__}: {unexpected}")
@@ -276,6 +286,21 @@ def _load_state(model, mapped: dict, unknown: list[str], strict: bool) -> None:
     model.load_state_dict({**own, **mapped}, strict=True)
 
 
+def _untie(hf_sd: dict, family: str, tied: bool) -> dict:
+    """hf_sd without the copies of tied weights (GPT-2's lm_head, BERT's decoder: older checkpoints store them).
+    An untied BERT decoder saved by transformers 4 shares cls.predictions.bias and stores it once: its bias."""
+    if family == "gpt":
+        return {k: v for k, v in hf_sd.items() if k != "lm_head.weight"} if tied else hf_sd
+    if tied:
+        return {k: v for k, v in hf_sd.items() if not k.endswith(BERT_DECODER)}
+    weight, bias = BERT_DECODER
+    for key in [k for k in hf_sd if k.endswith(weight)]:
+        stem = key[: -len(weight)]
+        if stem + bias not in hf_sd and stem + "cls.predictions.bias" in hf_sd:
+            hf_sd = {**hf_sd, stem + bias: hf_sd[stem + "cls.predictions.bias"]}
+    return hf_sd
+
+
 def from_hf(path_or_dir, *, architecture: str | None = None, strict: bool = True, **config_overrides):
     """Loads a HF BERT / GPT-2 checkpoint directory into the matching fastllm model (in eval mode).
 
@@ -287,9 +312,7 @@ def from_hf(path_or_dir, *, architecture: str | None = None, strict: bool = True
     if arch is None:
         arch = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel"}.get(d.get("model_type"), d.get("model_type"))
     model, family, prefix = _build(d, arch, config_overrides)
-    hf_sd = read_weights(path)
-    if family == "gpt" and model.lm_head is None:
-        hf_sd = {k: v for k, v in hf_sd.items() if k != "lm_head.weight"}  # tied to wte
+    hf_sd = _untie(read_weights(path), family, model.config.tie_word_embeddings)
     mapped, unknown = map_hf_keys(hf_sd, family, prefix)
     _load_state(model, mapped, unknown, strict)
     return model.eval()

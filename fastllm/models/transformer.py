@@ -116,3 +116,12 @@ class Transformer(nn.Module):
             loss = self.loss_fn(y.reshape(-1, y.shape[-1]), self.output_weight, labels.reshape(-1))
         return ModelOutput(loss, logits, past_key_values=presents, last_hidden_state=y,
                            encoder_last_hidden_state=memory)
+
+    def generate(self, input_ids: torch.Tensor, *, num_beams: int = 1, **kwargs) -> torch.Tensor:
+        """(B, S) source -> (B, 1 + n) decoder ids, as HF's model.generate: beam search when num_beams > 1
+        (fastllm.models.generation.beam_search), else greedy / sampling (generation.generate's keywords)."""
+        from fastllm.models import generation  # lazy: generation imports this module
+
+        if num_beams > 1:
+            return generation.beam_search(self, input_ids, num_beams=num_beams, **kwargs)
+        return generation.generate(self, input_ids, **kwargs)

@@ -138,7 +138,7 @@ def _tied_embedding(model: nn.Module) -> nn.Module | None:
     if isinstance(model, GPT):
         return model.embeddings.word if model.lm_head is None else None
     mlm = getattr(model, "mlm", None)
-    return model.bert.embeddings.word if mlm is not None else None
+    return model.bert.embeddings.word if mlm is not None and mlm.decoder is None else None
 
 
 def _head_owners(model: nn.Module) -> list[tuple[nn.Module, str]]:

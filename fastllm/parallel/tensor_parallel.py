@@ -524,7 +524,8 @@ def _split_mlp(m: MLP, mesh: Mesh) -> None:
 
 
 def _shard_vocab_linear(lin: nn.Linear, mesh: Mesh) -> None:
-    """An untied LM head (V, H): its rows sharded as the word embedding's (the module is only read for .weight)."""
+    """An untied LM head / MLM decoder (V, H): rows (and bias) sharded as the word embedding's; the module is
+    only read for .weight / .bias."""
     index = vocab_index(lin.out_features, mesh.size("tp"), mesh.tp_rank)
     lin.weight = _local_param(lin.weight, 0, index)
     if lin.bias is not None:
@@ -538,9 +539,11 @@ def _split_vocab(model: nn.Module, mesh: Mesh) -> None:
         if isinstance(m, Embeddings) and isinstance(m.word, nn.Embedding):
             new[id(m.word)] = m.word = VocabParallelEmbedding(m.word, mesh)
     for m in model.modules():
-        if isinstance(m, _MLMHead):  # tied decoder: re-point at the new embedding; shard the (V,) bias alike
+        if isinstance(m, _MLMHead) and m.decoder is None:  # tied: re-point at the new embedding, shard the bias
             m._words = [new.get(id(w), w) for w in m._words]
             m.bias = _local_param(m.bias, 0, vocab_index(m.bias.shape[0], mesh.size("tp"), mesh.tp_rank))
+        elif isinstance(m, _MLMHead):
+            _shard_vocab_linear(m.decoder, mesh)
         elif isinstance(m, GPT) and m.lm_head is not None:
             _shard_vocab_linear(m.lm_head, mesh)
         for name, child in list(m.named_children()):

@@ -88,3 +88,15 @@ def test_beam_search_one_beam_is_greedy_and_more_beams_score_higher():
 
     beams = beam_search(model, src, num_beams=4, max_new_tokens=6, eos_token_id=999, length_penalty=0.0)
     assert (logprob(beams) >= logprob(greedy) - 1e-5).all()  # fp32 rounding of two sums of 6 terms
+
+
+def test_generate_methods_match_the_functions():
+    model, ids = _gpt(), _prompt()
+    kw = {"max_new_tokens": 6, "do_sample": True, "top_p": 0.9, "seed": 5}
+    assert torch.equal(model.generate(ids, **kw), generate(model, ids, **kw))
+    torch.manual_seed(2)
+    t = Transformer(tiny_transformer()).eval()
+    src = torch.randint(3, 61, (2, 7))
+    assert torch.equal(t.generate(src, max_new_tokens=5), generate(t, src, max_new_tokens=5))
+    assert torch.equal(t.generate(src, num_beams=3, max_new_tokens=5),
+                       beam_search(t, src, num_beams=3, max_new_tokens=5))

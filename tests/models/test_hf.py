@@ -172,3 +172,72 @@ def test_bad_checkpoints_raise_errors_naming_the_key(tmp_path):
         from_hf(path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_hf(path / "nowhere")
+
+
+def _untied_hf_bert(arch: str):
+    transformers = require("transformers")
+    torch.manual_seed(3)
+    hf = getattr(transformers, arch)(transformers.BertConfig(**BERT_CONFIGS[1], tie_word_embeddings=False)).eval()
+    with torch.no_grad():  # the decoder's own bias, distinct from the (unused) cls.predictions.bias
+        hf.cls.predictions.decoder.bias.normal_(0.0, 0.5)
+    assert hf.cls.predictions.decoder.weight is not hf.bert.embeddings.word_embeddings.weight
+    return hf
+
+
+@pytest.mark.parametrize("arch", ["BertForPreTraining", "BertForMaskedLM"])
+def test_untied_bert_decoder_loads_matches_and_round_trips(arch, tmp_path):
+    transformers = require("transformers")
+    hf = _untied_hf_bert(arch)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf")
+    assert ours.mlm.decoder is not None and not ours.config.tie_word_embeddings
+    ids, mask, types = _inputs(53, 1)
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.4, ids, -100)
+    kw = {"labels": labels}
+    if arch == "BertForPreTraining":  # HF returns a loss only with both label kinds
+        kw["next_sentence_label"] = torch.tensor([1, 0])
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, **kw)
+        b = ours(ids, mask, types, **kw)
+    field = "prediction_logits" if arch == "BertForPreTraining" else "logits"
+    assert_rel(getattr(b, field), getattr(a, field), field)
+    assert_rel(b.loss, a.loss, "loss")
+    to_hf(ours, tmp_path / "back")
+    back = getattr(transformers, arch).from_pretrained(str(tmp_path / "back")).state_dict()
+    assert all(torch.equal(v, back[k]) for k, v in hf.state_dict().items())
+
+
+def test_untied_decoder_trains_its_own_weight():
+    cfg = tiny_bert(tie_word_embeddings=False)
+    model = BertForPreTraining(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    model(ids, labels=ids).loss.backward()
+    assert model.mlm.decoder.weight.grad is not None and model.mlm.decoder.bias.grad is not None
+    assert model.mlm.decoder.weight.data_ptr() != model.bert.embeddings.word.weight.data_ptr()
+    assert "mlm.bias" not in dict(model.named_parameters())  # HF's unused bias: a buffer, never trained
+
+
+def test_transformers4_untied_checkpoint_shares_the_decoder_bias(tmp_path):
+    """transformers 4 tied decoder.bias to cls.predictions.bias even when untied and saved it once."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _untied_hf_bert("BertForMaskedLM")
+    hf.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    bias = weights.pop("cls.predictions.decoder.bias")
+    save_file({**weights, "cls.predictions.bias": bias}, str(tmp_path / "model.safetensors"))
+    ours = from_hf(tmp_path)
+    assert torch.equal(ours.mlm.decoder.bias, bias)
+
+
+def test_non_strict_load_drops_unused_head_weights_only(tmp_path):
+    transformers = require("transformers")
+    torch.manual_seed(5)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**BERT_CONFIGS[1]))
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"mlm\.transform"):
+        from_hf(tmp_path, architecture="BertForSequenceClassification")
+    ours = from_hf(tmp_path, architecture="BertForSequenceClassification", strict=False)
+    assert torch.equal(ours.bert.embeddings.word.weight, hf.bert.embeddings.word_embeddings.weight)
+    base = from_hf(tmp_path, architecture="BertModel", strict=False)
+    assert torch.equal(base.pooler.dense.weight, hf.bert.pooler.dense.weight)

@@ -64,10 +64,12 @@ def _case(name):
         ids = _ids(2, 12, V, g)
         ids[1, -1] = V - 1
         return model, {"input_ids": ids, "labels": ids.clone()}, V, "logits"
-    if name in ("bert_pt", "bert_mlm", "bert_cls"):
+    if name in ("bert_pt", "bert_mlm", "bert_cls", "bert_untied"):
         pad = 700 if name == "bert_cls" else 0  # the padding row on rank 1 (no tied decoder there) / rank 0
-        cls = {"bert_pt": BertForPreTraining, "bert_mlm": BertForMaskedLM, "bert_cls": BertForSequenceClassification}
-        model = cls[name](BertConfig(**BERT, pad_token_id=pad, num_labels=3))
+        cls = {"bert_pt": BertForPreTraining, "bert_mlm": BertForMaskedLM, "bert_cls": BertForSequenceClassification,
+               "bert_untied": BertForPreTraining}
+        tie = name != "bert_untied"  # untied: the MLM decoder's own (V, H) weight and bias, vocab-sharded
+        model = cls[name](BertConfig(**BERT, pad_token_id=pad, num_labels=3, tie_word_embeddings=tie))
         ids = _ids(2, 10, V, g)
         ids[1, -2:] = pad
         batch = {"input_ids": ids, "token_type_ids": (torch.arange(10) >= 5).long().expand(2, 10)}
@@ -77,7 +79,7 @@ def _case(name):
         batch["labels"][0, 0] = V - 1  # the last real vocabulary row as a target
         if name == "bert_pt":
             batch["next_sentence_label"] = torch.tensor([1, 0])
-        return model, batch, V, "prediction_logits" if name == "bert_pt" else "logits"
+        return model, batch, V, "logits" if name == "bert_mlm" else "prediction_logits"
     shared = name == "t5_shared"
     src = V if shared else 997
     model = Transformer(TransformerConfig(src_vocab_size=src, tgt_vocab_size=V, share_embeddings=shared,
@@ -86,7 +88,7 @@ def _case(name):
     return model, {"input_ids": _ids(2, 11, src, g), "labels": labels}, V, "logits"
 
 
-CASES = ("gpt", "gpt_gqa", "bert_pt", "bert_mlm", "bert_cls", "t5_shared", "t5_split")
+CASES = ("gpt", "gpt_gqa", "bert_pt", "bert_mlm", "bert_cls", "bert_untied", "t5_shared", "t5_split")
 
 
 def _grads(model, full):
