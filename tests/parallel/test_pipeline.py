@@ -38,7 +38,7 @@ def _config(kind: str, layers: int = 3):
                          embd_pdrop=0.0, attn_pdrop=0.0)
     return BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0)
+                      attention_probs_dropout_prob=0.0, tie_word_embeddings=kind != "bert_untied")
 
 
 def _model(kind: str, layers: int = 3):
@@ -130,6 +130,7 @@ def _adamw_case(mesh: Mesh) -> dict:
 def _all_checks(rank: int, world: int) -> dict:
     mesh = Mesh(pp=2)
     out = {"train": {(k, s): _train_case(k, s, mesh) for k in ("gpt", "bert") for s in SCHEDULES}}
+    out["train"][("bert_untied", "1f1b")] = _train_case("bert_untied", "1f1b", mesh)
     with torch.autocast("cpu", torch.bfloat16):
         out["bf16"] = _train_case("gpt", "1f1b", mesh)
     out["eval"] = {k: _eval_case(k, mesh) for k in ("gpt", "bert")}
@@ -183,6 +184,17 @@ def test_stage_layout_and_tied_flags(ranks, kind):
     assert any(n.startswith(head) for n in last) and not any(n.startswith(head) for n in first)
     assert ranks[0]["train"][(kind, "1f1b")]["flags"][word] == (True, False)
     assert ranks[1]["train"][(kind, "1f1b")]["flags"][word] == (True, True)
+
+
+def test_untied_bert_decoder_lives_on_the_last_stage_only(ranks):
+    want_loss, want_grads = _reference("bert_untied")
+    first, last = (r["train"][("bert_untied", "1f1b")] for r in ranks)
+    assert last["loss"] == pytest.approx(want_loss, rel=1e-6)
+    assert not set(first["grads"]) & set(last["grads"])  # nothing shared: the decoder is its own weight
+    assert "mlm.decoder.weight" in last["grads"] and "bert.embeddings.word.weight" in first["grads"]
+    for r in (first, last):
+        for name, g in r["grads"].items():
+            _close(g, want_grads[name], name)
 
 
 def test_1f1b_holds_at_most_pp_micro_batches(ranks):
