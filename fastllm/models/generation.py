@@ -126,6 +126,20 @@ class _Seq2SeqState:
             self.past = tuple(tuple(tuple(pick(t) for t in kv) for kv in layer) for layer in self.past)
 
 
+def _check_room(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """A ValueError before any work when the positions the decoding needs exceed the model's table (the last
+    new token is never fed back: a prompt of T takes T + n - 1 positions, the seq2seq decoder n)."""
+    if isinstance(model, GPT):
+        need, limit, what = input_ids.shape[1] + max_new_tokens - 1, model.config.n_positions, "n_positions"
+    elif isinstance(model, Transformer):
+        need, limit, what = max_new_tokens, model.config.max_position_embeddings, "max_position_embeddings"
+    else:
+        return
+    if need > limit:
+        raise ValueError(f"generate: prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} needs "
+                         f"{need} positions, more than the model's {what} = {limit}")
+
+
 def _state(model, input_ids, attention_mask, use_cache, decoder_start_token_id):
     if isinstance(model, GPT):
         return _GPTState(model, input_ids, attention_mask, use_cache)
@@ -178,6 +192,7 @@ def _stream(model, input_ids, attention_mask, max_new_tokens, do_sample, eos, st
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    _check_room(model, input_ids, max_new_tokens)
     state = _state(model, input_ids, attention_mask, use_cache, start)
     prompt_len = state.ids.shape[1]
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -218,6 +233,7 @@ def beam_search(model: Transformer, input_ids: torch.Tensor, *, attention_mask=N
     model.eval()
     eos = c.eos_token_id if eos_token_id is None else eos_token_id
     pad = c.pad_token_id if pad_token_id is None else pad_token_id
+    _check_room(model, input_ids, max_new_tokens)
     b, k = input_ids.shape[0], num_beams
     rows = torch.arange(b, device=input_ids.device).repeat_interleave(k)  # (B*K,)
     mask = None if attention_mask is None else attention_mask.index_select(0, rows)

@@ -110,6 +110,8 @@ class GPT(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None, *,
                 use_cache: bool = False, output_hidden_states: bool = False, output_attentions: bool = False,
                 return_logits: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected input_ids' {tuple(input_ids.shape)}")
         y, presents, hidden, attns = self.body(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                                output_hidden_states, output_attentions)
         logits = None

@@ -1,4 +1,5 @@
 """Generation: cached == uncached, filters respect top-k/top-p, seeded sampling repeats, EOS/stop, beams."""
+import pytest
 import torch
 
 from fastllm.models import GPT, Transformer, beam_search, generate, stream_generate
@@ -100,3 +101,13 @@ def test_generate_methods_match_the_functions():
     assert torch.equal(t.generate(src, max_new_tokens=5), generate(t, src, max_new_tokens=5))
     assert torch.equal(t.generate(src, num_beams=3, max_new_tokens=5),
                        beam_search(t, src, num_beams=3, max_new_tokens=5))
+
+
+def test_decoding_past_the_position_table_fails_before_any_work():
+    torch.manual_seed(2)
+    t = Transformer(tiny_transformer()).eval()
+    src, limit = torch.randint(3, 61, (1, 4)), t.config.max_position_embeddings
+    assert t.generate(src, max_new_tokens=limit).shape == (1, 1 + limit)  # start token + limit new ones
+    for kw in ({}, {"num_beams": 2}):
+        with pytest.raises(ValueError, match=f"needs {limit + 1} positions.*max_position_embeddings = {limit}"):
+            t.generate(src, max_new_tokens=limit + 1, **kw)

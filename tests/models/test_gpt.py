@@ -87,6 +87,11 @@ def test_errors_name_the_problem():
         model(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(IndexError, match="input_ids contains -1"):
         model(torch.tensor([[3, -1]]))
+    with pytest.raises(ValueError, match=r"labels has shape \(1, 3\), expected input_ids' \(1, 2\)"):
+        model(torch.tensor([[3, 1]]), labels=torch.tensor([[3, 1, 2]]))
+    with pytest.raises(ValueError, match="prompt length 40 \\+ max_new_tokens 10 needs 49 positions"):
+        model.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=10)  # fails before any work
+    assert model.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=9).shape == (1, 49)  # 48 fed
     with pytest.raises(ConfigError, match="n_kv_head"):
         GPTConfig(n_head=4, n_kv_head=3)
     assert preset("gpt2-small").n_layer == 12 and preset("gpt2-large").n_embd == 1280
