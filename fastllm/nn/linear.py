@@ -10,7 +10,9 @@ the way PyTorch's CUDA caching allocator recycles device memory. Measured: bert-
 Invariants:
 - linear(module, x, buffer) equals module(x) (the same F.linear forward and the same gradient products);
   gelu_linear(module, u, buffer, approximate) equals module(F.gelu(u)) and saves u only: the backward recomputes
-  the activation (one elementwise pass) instead of keeping a tensor of u's size per layer.
+  the activation (one elementwise pass) instead of keeping a tensor of u's size per layer;
+  row_split_linear(module, xa, xb, n, buffer) equals the two F.linear calls on W[:n] / W[n:] (BERT's last layer:
+  queries on the loss rows, keys and values on all) with one weight gradient written block by block.
 - A buffer is reused only when its storage has no other user (the previous .grad was dropped and no tensor shares
   it); otherwise a new one is allocated, so a gradient someone kept is never overwritten. With gradient
   accumulation (.grad still set), AccumulateGrad adds the new gradient into .grad as usual.
@@ -118,6 +120,37 @@ class _GeluLinear(torch.autograd.Function):
         return du, dw, db, None, None
 
 
+class _RowSplitLinear(torch.autograd.Function):
+    """(xa @ W[:n].T + b[:n], xb @ W[n:].T + b[n:]): one Linear whose output features split between two inputs.
+    Its weight gradient is one buffer whose two row blocks each part's GEMM writes; slicing the weight instead
+    makes autograd build a zero-filled weight-sized tensor per slice and add the two."""
+
+    @staticmethod
+    def forward(ctx, xa, xb, weight, bias, n, grad_buffer):
+        ctx.save_for_backward(xa, xb, weight)
+        ctx.n, ctx.grad_buffer, ctx.has_bias = n, grad_buffer, bias is not None
+        ba, bb = (None, None) if bias is None else (bias[:n], bias[n:])
+        return F.linear(xa, weight[:n], ba), F.linear(xb, weight[n:], bb)  # (..., n), (..., out - n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dya, dyb):
+        xa, xb, weight = ctx.saved_tensors
+        n, need = ctx.n, ctx.needs_input_grad
+        dya2, dyb2 = dya.reshape(-1, n), dyb.reshape(-1, weight.shape[0] - n)  # (Na, n), (Nb, out - n)
+        dw = db = None
+        if need[2]:
+            buf = ctx.grad_buffer.take(weight)  # (out, in); its row blocks are contiguous
+            torch.mm(dya2.t(), xa.reshape(-1, xa.shape[-1]), out=buf[:n])
+            torch.mm(dyb2.t(), xb.reshape(-1, xb.shape[-1]), out=buf[n:])
+            dw = grad_alias(buf)
+        if ctx.has_bias and need[3]:
+            db = torch.cat([dya2.sum(0), dyb2.sum(0)])  # (out,)
+        dxa = dya2.mm(weight[:n]).view(xa.shape) if need[0] else None
+        dxb = dyb2.mm(weight[n:]).view(xb.shape) if need[1] else None
+        return dxa, dxb, dw, db, None, None
+
+
 def _fast(module: nn.Module, x: torch.Tensor) -> bool:
     w = module.weight
     return (type(module) is nn.Linear and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
@@ -137,6 +170,15 @@ def gelu_linear(module: nn.Module, u: torch.Tensor, grad_buffer: GradBuffer, app
     if not _fast(module, u):
         return module(F.gelu(u, approximate=approximate))
     return _GeluLinear.apply(u, module.weight, module.bias, grad_buffer, approximate)
+
+
+def row_split_linear(module: nn.Module, xa: torch.Tensor, xb: torch.Tensor, n: int, grad_buffer: GradBuffer):
+    """(F.linear(xa, W[:n], b[:n]), F.linear(xb, W[n:], b[n:])) of module's weight W and bias b; on the fast
+    path the weight gradient is written into grad_buffer block by block."""
+    if not (_fast(module, xa) and _fast(module, xb)):
+        w, b = module.weight, module.bias
+        return F.linear(xa, w[:n], None if b is None else b[:n]), F.linear(xb, w[n:], None if b is None else b[n:])
+    return _RowSplitLinear.apply(xa, xb, module.weight, module.bias, n, grad_buffer)
 
 
 def release_grad_buffers(model: nn.Module) -> None:

@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllm.nn._kernels import KernelChoice
-from fastllm.nn.linear import GradBuffer, linear
+from fastllm.nn.linear import GradBuffer, linear, row_split_linear
 from fastllm.ops import reference
 from fastllm.ops.attention import attention
 
@@ -72,9 +71,8 @@ class MultiHeadAttention(KernelChoice):
     def _project_rows(self, x, rows):
         """q on the positions rows (B, R) of x only; k and v on all positions (slices of the fused qkv)."""
         hq, kvd = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        w, b = self.qkv.weight, self.qkv.bias  # (hq + 2 kvd, H), (hq + 2 kvd,)
-        q = F.linear(gather_rows(x, rows), w[:hq], None if b is None else b[:hq])  # (B, R, hq)
-        kv = F.linear(x, w[hq:], None if b is None else b[hq:])  # (B, T, 2 kvd)
+        xq = gather_rows(x, rows)  # (B, R, H)
+        q, kv = row_split_linear(self.qkv, xq, x, hq, self._grads["qkv"])  # (B, R, hq), (B, T, 2 kvd)
         k, v = kv.split([kvd, kvd], dim=-1)  # (B, T, kvd) each
         return self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
 

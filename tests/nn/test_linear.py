@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastllm.models import GPT, BertForPreTraining
-from fastllm.nn.linear import GradBuffer, linear, release_grad_buffers
+from fastllm.nn.linear import GradBuffer, linear, release_grad_buffers, row_split_linear
 from tests.models.helpers import tiny_bert, tiny_gpt
 
 
@@ -116,3 +116,28 @@ def test_gelu_linear_recomputes_the_activation_instead_of_saving_it(approximate)
     for g, w in zip(got, want):  # the same products, the activation recomputed bit for bit: fp32 GEMM rounding
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     assert saved_fast == u.numel() and saved_plain == 2 * u.numel()  # u only, against u and gelu(u)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_row_split_linear_equals_two_sliced_linears_and_reuses_its_buffer(bias):
+    lin, buf, n = _layer(bias), GradBuffer(), 3
+    xa, xb = torch.randn(2, 4, 12), torch.randn(2, 9, 12)
+
+    def run(fast: bool):
+        lin.zero_grad(set_to_none=True)
+        a, b = xa.clone().requires_grad_(True), xb.clone().requires_grad_(True)
+        w, bb = lin.weight, lin.bias
+        ba, bb_ = (None, None) if bb is None else (bb[:n], bb[n:])
+        ya, yb = row_split_linear(lin, a, b, n, buf) if fast else (F.linear(a, w[:n], ba), F.linear(b, w[n:], bb_))
+        (ya.sin().sum() + (yb * yb).sum()).backward()
+        return ya, yb, a.grad, b.grad, lin.weight.grad, None if bb is None else lin.bias.grad
+
+    want = run(False)
+    for _ in range(2):  # the second step writes the first step's (dropped) buffer again
+        got = run(True)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            else:  # the same GEMMs on the same operands, row blocks written separately: fp32 rounding only
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+        assert lin.weight.grad.data_ptr() == buf._buf.data_ptr()
