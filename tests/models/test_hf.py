@@ -96,10 +96,15 @@ def test_random_hf_bert_heads_match_via_pytorch_bin(arch, tmp_path):
               "BertForMaskedLM": torch.randint(0, 77, (2, 11))}.get(arch)
     kw = {"labels": labels} if labels is not None else {"start_positions": torch.tensor([1, 4]),
                                                          "end_positions": torch.tensor([3, 30])}
+    _outputs_match(hf, ours, (ids, mask, types), kw, "start_logits" if arch == "BertForQuestionAnswering" else "logits")
+
+
+def _outputs_match(hf, ours, inputs, kw: dict, field: str) -> None:
+    """`field` and the loss of HF and fastllm models on the same (ids, mask, types) and labels."""
+    ids, mask, types = inputs
     with torch.no_grad():
         a = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, **kw)
         b = ours(ids, mask, types, **kw)
-    field = "start_logits" if arch == "BertForQuestionAnswering" else "logits"
     assert_rel(getattr(b, field), getattr(a, field), field)
     assert_rel(b.loss, a.loss, "loss")
 
@@ -196,12 +201,7 @@ def test_untied_bert_decoder_loads_matches_and_round_trips(arch, tmp_path):
     kw = {"labels": labels}
     if arch == "BertForPreTraining":  # HF returns a loss only with both label kinds
         kw["next_sentence_label"] = torch.tensor([1, 0])
-    with torch.no_grad():
-        a = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, **kw)
-        b = ours(ids, mask, types, **kw)
-    field = "prediction_logits" if arch == "BertForPreTraining" else "logits"
-    assert_rel(getattr(b, field), getattr(a, field), field)
-    assert_rel(b.loss, a.loss, "loss")
+    _outputs_match(hf, ours, (ids, mask, types), kw, "prediction_logits" if arch == "BertForPreTraining" else "logits")
     to_hf(ours, tmp_path / "back")
     back = getattr(transformers, arch).from_pretrained(str(tmp_path / "back")).state_dict()
     assert all(torch.equal(v, back[k]) for k, v in hf.state_dict().items())
