@@ -291,13 +291,11 @@ def _untie(hf_sd: dict, family: str, tied: bool) -> dict:
     An untied BERT decoder saved by transformers 4 shares cls.predictions.bias and stores it once: its bias."""
     if family == "gpt":
         return {k: v for k, v in hf_sd.items() if k != "lm_head.weight"} if tied else hf_sd
-    if tied:
-        return {k: v for k, v in hf_sd.items() if not k.endswith(BERT_DECODER)}
     weight, bias = BERT_DECODER
-    for key in [k for k in hf_sd if k.endswith(weight)]:
-        stem = key[: -len(weight)]
-        if stem + bias not in hf_sd and stem + "cls.predictions.bias" in hf_sd:
-            hf_sd = {**hf_sd, stem + bias: hf_sd[stem + "cls.predictions.bias"]}
+    if tied:
+        return {k: v for k, v in hf_sd.items() if k not in BERT_DECODER}
+    if weight in hf_sd and bias not in hf_sd and "cls.predictions.bias" in hf_sd:
+        return {**hf_sd, bias: hf_sd["cls.predictions.bias"]}
     return hf_sd
 
 

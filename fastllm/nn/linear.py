@@ -120,6 +120,11 @@ class _GeluLinear(torch.autograd.Function):
         return du, dw, db, None, None
 
 
+def _split_linear(xa, xb, weight, bias, n: int):
+    ba, bb = (None, None) if bias is None else (bias[:n], bias[n:])
+    return F.linear(xa, weight[:n], ba), F.linear(xb, weight[n:], bb)  # (..., n), (..., out - n)
+
+
 class _RowSplitLinear(torch.autograd.Function):
     """(xa @ W[:n].T + b[:n], xb @ W[n:].T + b[n:]): one Linear whose output features split between two inputs.
     Its weight gradient is one buffer whose two row blocks each part's GEMM writes; slicing the weight instead
@@ -129,8 +134,7 @@ class _RowSplitLinear(torch.autograd.Function):
     def forward(ctx, xa, xb, weight, bias, n, grad_buffer):
         ctx.save_for_backward(xa, xb, weight)
         ctx.n, ctx.grad_buffer, ctx.has_bias = n, grad_buffer, bias is not None
-        ba, bb = (None, None) if bias is None else (bias[:n], bias[n:])
-        return F.linear(xa, weight[:n], ba), F.linear(xb, weight[n:], bb)  # (..., n), (..., out - n)
+        return _split_linear(xa, xb, weight, bias, n)
 
     @staticmethod
     @once_differentiable
@@ -176,8 +180,7 @@ def row_split_linear(module: nn.Module, xa: torch.Tensor, xb: torch.Tensor, n: i
     """(F.linear(xa, W[:n], b[:n]), F.linear(xb, W[n:], b[n:])) of module's weight W and bias b; on the fast
     path the weight gradient is written into grad_buffer block by block."""
     if not (_fast(module, xa) and _fast(module, xb)):
-        w, b = module.weight, module.bias
-        return F.linear(xa, w[:n], None if b is None else b[:n]), F.linear(xb, w[n:], None if b is None else b[n:])
+        return _split_linear(xa, xb, module.weight, module.bias, n)
     return _RowSplitLinear.apply(xa, xb, module.weight, module.bias, n, grad_buffer)
 
 
